@@ -1,0 +1,5 @@
+import sys
+
+from diffuseg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``diffuseg`` command line (see :mod:`diffuseg.cli`)."""
