@@ -1,0 +1,11 @@
+"""DiffuMask as a diffusers community pipeline.
+
+    DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/diffumask", trust_remote_code=True)
+
+The implementation lives in the installed ``diffuseg`` package (``pip install diffuseg``);
+this file exposes its one pipeline class to diffusers' custom-pipeline loader.
+"""
+
+from diffuseg.pipelines.diffumask import DiffuMaskPipeline
+
+__all__ = ["DiffuMaskPipeline"]

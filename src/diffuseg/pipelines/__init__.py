@@ -1,0 +1,5 @@
+"""The package's diffusion pipelines, all ``diffusers.DiffusionPipeline`` subclasses."""
+
+from diffuseg.pipelines.diffumask import DiffuMaskPipeline, DiffuMaskPipelineOutput
+
+__all__ = ["DiffuMaskPipeline", "DiffuMaskPipelineOutput"]

@@ -1,0 +1,210 @@
+"""DiffuMask: images with pixel masks from the cross-attention of Stable Diffusion.
+
+Wu et al., "DiffuMask: Synthesizing Images with Pixel-level Annotations for Semantic
+Segmentation Using Diffusion Models", ICCV 2023. While the image is generated, the
+cross-attention of each class word is averaged over steps, layers and heads per
+resolution; the resolutions are upsampled, max-normalised and averaged; the result is
+(optionally) refined along self-attention affinities and thresholded into a label map.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from diffuseg.attention import capture
+from diffuseg.masks import label_map, refine_with_self_attention, thresholds
+
+# Self-attention is recorded at the finest level with at most this many positions:
+# explicit self-attention costs O(positions²) memory and time.
+MAX_SELF_ATTENTION_TOKENS = 1024
+
+
+@dataclass
+class DiffuMaskPipelineOutput(BaseOutput):
+    """Output of :class:`DiffuMaskPipeline`.
+
+    Attributes:
+        images: generated images, as ``output_type`` asks (list of PIL, ``(B, H, W, 3)`` array, ...).
+        masks: label maps ``(B, H, W)``: 0 background, ``k`` the k-th class word (1-based) of
+            the image's prompt, 255 ignore. PIL mode "L" images for ``output_type="pil"``,
+            else a ``uint8`` array (a tensor for ``"pt"``).
+        attention_maps: soft maps ``(B, C, H, W)`` in [0, 1], one per class word (zeros
+            for the padding of prompts with fewer words); a tensor for ``"pt"``, else an array.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    masks: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    attention_maps: np.ndarray | torch.Tensor
+
+
+class DiffuMaskPipeline(StableDiffusionPipeline):
+    """Stable Diffusion that also returns a segmentation mask of the named classes.
+
+    Loads from any Stable Diffusion checkpoint, e.g.
+    ``DiffuMaskPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")``,
+    or with ``DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/diffumask",
+    trust_remote_code=True)``.
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        class_names: Sequence[str] | Sequence[Sequence[str]] = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        resolutions: Sequence[int] | None = None,
+        attention_steps: tuple[float, float] = (0.0, 1.0),
+        threshold: str | float = "otsu",
+        ignore_band: float = 0.0,
+        refine: bool = False,
+        refine_iterations: int = 1,
+        min_component_area: int = 0,
+        **kwargs: Any,
+    ) -> DiffuMaskPipelineOutput | tuple:
+        r"""Generate images and the masks of ``class_names``.
+
+        Args:
+            prompt: the prompt or prompts; each must contain its class words.
+            class_names: class words, the same for every prompt, or one list per prompt.
+                Mask value ``k`` is the k-th word of the image's list.
+            height, width: image size, multiples of 8 (default: the model's native size).
+            num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt, eta,
+            generator, latents, output_type, return_dict, callback_on_step_end,
+            callback_on_step_end_tensor_inputs: as in ``StableDiffusionPipeline``; other
+                keyword arguments (``timesteps``, ``cross_attention_kwargs``, ``clip_skip``,
+                ...) are passed through to it.
+            resolutions: heights of the cross-attention maps to aggregate (e.g. ``(16, 32, 64)``
+                for SD at 512², DiffuMask's choice); ``None``: all.
+            attention_steps: ``(start, end)`` fractions of the denoising steps whose attention
+                is averaged; DiffuMask averages all of them.
+            threshold: ``"otsu"``, ``"adaptive"`` (DiffuMask's search in 0.45–0.53), or a number.
+            ignore_band: pixels within this distance of their threshold become 255 (ignore).
+            refine: propagate the maps along self-attention affinities before thresholding
+                (training-free; records self-attention at one resolution).
+            refine_iterations: how many propagation steps ``refine`` takes.
+            min_component_area: class components smaller than this many pixels become background.
+
+        Returns:
+            :class:`DiffuMaskPipelineOutput`, or ``(images, masks, attention_maps)`` when
+            ``return_dict`` is False.
+        """
+        if "prompt_embeds" in kwargs:
+            raise ValueError("DiffuMaskPipeline needs the prompt as text to find the class words; pass `prompt`")
+        if prompt is None:
+            raise ValueError("`prompt` is required")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        words = self.check_class_names(prompts, class_names)
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        if height % 8 or width % 8:
+            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        if not 0.0 <= attention_steps[0] < attention_steps[1] <= 1.0:
+            raise ValueError(f"attention_steps must satisfy 0 <= start < end <= 1, got {attention_steps}")
+        thresholds(torch.zeros(1, 1, 1), threshold)  # fail now, not after the generation, on a bad method
+
+        # 1. Generate while recording the class words' cross-attention (and self-attention to refine).
+        first_step = round(attention_steps[0] * num_inference_steps)
+        last_step = max(first_step + 1, round(attention_steps[1] * num_inference_steps))
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        with capture(
+            self,
+            words,
+            resolutions=resolutions,
+            steps=(first_step, last_step),
+            self_attention_resolution=self_attention_height(latent_size) if refine else None,
+        ) as maps:
+            generated = super().__call__(
+                prompt=prompts,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                negative_prompt=negative_prompt,
+                num_images_per_prompt=num_images_per_prompt,
+                eta=eta,
+                generator=generator,
+                latents=latents,
+                output_type=output_type,
+                return_dict=True,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs or ["latents"],
+                **kwargs,
+            )
+
+        # 2. Aggregate resolutions into one soft map per class word, at image size.
+        attention = maps.aggregate((height, width))
+        if refine:
+            if maps.store.self_attention() is None:
+                raise ValueError(
+                    f"refine=True needs self-attention at height {self_attention_height(latent_size)}, "
+                    "and this UNet has none there; use refine=False"
+                )
+            attention = refine_with_self_attention(
+                attention, maps.store.self_attention(), maps.store.self_size, refine_iterations
+            )
+
+        # 3. Threshold each map and assemble one label map per image.
+        cutoffs = thresholds(attention, threshold)
+        words_per_image = [len(w) for w in words for _ in range(num_images_per_prompt)]
+        masks = np.stack(
+            [
+                label_map(attention[i], cutoffs[i], ignore_band, min_component_area, num_classes=words_per_image[i])
+                for i in range(attention.shape[0])
+            ]
+        )
+
+        self.maybe_free_model_hooks()
+        images = generated.images
+        if output_type == "pil":
+            masks = [PIL.Image.fromarray(mask, mode="L") for mask in masks]
+        if output_type == "pt":
+            masks, attention = torch.from_numpy(masks), attention
+        else:
+            attention = attention.cpu().numpy().astype(np.float32)
+        if not return_dict:
+            return images, masks, attention
+        return DiffuMaskPipelineOutput(images=images, masks=masks, attention_maps=attention)
+
+    @staticmethod
+    def check_class_names(prompts: list[str], class_names) -> list[list[str]]:
+        """One list of class words per prompt, validated (non-empty, no duplicates, lengths match)."""
+        if class_names is None or len(class_names) == 0:
+            raise ValueError("class_names is empty: name at least one class word that appears in the prompt")
+        if all(isinstance(name, str) for name in class_names):
+            return [list(class_names)] * len(prompts)
+        if len(class_names) != len(prompts):
+            raise ValueError(
+                f"got {len(prompts)} prompts but {len(class_names)} lists of class names; "
+                "give one list per prompt, or one flat list shared by all prompts"
+            )
+        return [list(names) for names in class_names]
+
+
+def self_attention_height(latent_size: tuple[int, int]) -> int:
+    """Height of the finest UNet level whose self-attention has at most MAX_SELF_ATTENTION_TOKENS positions."""
+    height, width = latent_size
+    level = 0
+    while math.ceil(height / 2**level) * math.ceil(width / 2**level) > MAX_SELF_ATTENTION_TOKENS:
+        level += 1
+    return math.ceil(height / 2**level)
