@@ -326,6 +326,13 @@ class DatasetWriter:
                 return dict(ledger["extra_columns"])
         return None
 
+    def skip_records(self) -> dict[int, dict]:
+        """``{index: record}`` of every skipped sample on disk (see :meth:`skip`)."""
+        records: dict[int, dict] = {}
+        for path in self._split_shards():
+            records.update({int(i): r for i, r in _read_ledger(path)["skipped"].items()})
+        return records
+
     @property
     def completed_indices(self) -> set[int]:
         """Sample indices already written or skipped (on disk or buffered in this writer)."""
@@ -431,6 +438,7 @@ class DatasetWriter:
             "indices": kept,
             "skipped": skipped,
             "extra_columns": self._extra_types or {},
+            "pid": os.getpid(),  # which process wrote it (distributed runs)
         }
         schema = features.arrow_schema
         schema = schema.with_metadata({**(schema.metadata or {}), _LEDGER_KEY: json.dumps(ledger).encode()})
@@ -618,3 +626,109 @@ def _card(title: str, names: list[str], features, split_info, descriptions: dict
         heading = "## How it was made" if len(descriptions) == 1 else f"## How the `{split}` split was made"
         lines += ["", heading, "", text]
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------- checking a folder
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_dataset_folder(folder: str | os.PathLike) -> dict[str, int]:
+    """Check that ``folder`` is a complete, self-consistent dataset; return rows per split.
+
+    Checked: every shard's footer is readable and shard names are ``NNNNN-of-NNNNN``
+    complete; the card's ``configs`` globs match exactly the shards of each split; its
+    ``dataset_info`` features and row counts match the files; ``id2label.json`` matches the
+    ClassLabel names; image columns hold PNG; no generated shard is left unpublished.
+
+    Raises:
+        ValueError: listing every problem found.
+        FileNotFoundError: ``folder`` does not exist.
+    """
+    import fnmatch
+
+    import yaml
+    from datasets import Features
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"dataset folder {str(folder)!r} does not exist")
+    problems: list[str] = []
+    splits = split_files(folder)
+    if not splits:
+        problems.append("no data/<split>-NNNNN-of-NNNNN.parquet shards")
+    staged = [p for p in (folder / STATE_DIR / "staging").glob("*.parquet") if pq.read_metadata(p).num_rows]
+    if staged:
+        problems.append(f"{len(staged)} generated shard(s) are not published yet: rerun the generate command to finish")
+    rows: dict[str, int] = {}
+    features = None
+    for split, paths in splits.items():
+        totals = {int(_SHARD_NAME.match(p.name)["total"]) for p in paths}
+        numbers = sorted(int(_SHARD_NAME.match(p.name)["index"]) for p in paths)
+        if len(totals) != 1 or numbers != list(range(len(paths))) or totals != {len(paths)}:
+            problems.append(f"split {split!r}: shards {[p.name for p in paths]} are not a complete NNNNN-of-NNNNN set")
+        rows[split] = 0
+        for path in paths:
+            try:
+                meta = pq.read_metadata(path)
+                schema = pq.read_schema(path)
+            except Exception as error:  # any unreadable footer is a corrupt shard
+                problems.append(f"{path.name} is not a readable Parquet file ({error})")
+                continue
+            rows[split] += meta.num_rows
+            shard_features = Features.from_arrow_schema(schema)
+            if features is None:
+                features = shard_features
+            elif shard_features != features:
+                problems.append(f"{path.name} has columns {list(shard_features)}, other shards {list(features)}")
+            image_columns = [n for n, f in shard_features.items() if type(f).__name__ == "Image"]
+            if meta.num_rows and image_columns:
+                first = next(pq.ParquetFile(path).iter_batches(batch_size=1, columns=image_columns)).to_pylist()[0]
+                for name in image_columns:
+                    if not (first[name] or {}).get("bytes", b"").startswith(_PNG_MAGIC):
+                        problems.append(f"{path.name}: column {name!r} is not stored as PNG bytes")
+
+    try:
+        id2label = read_id2label(folder)
+        if id2label.get(0) != BACKGROUND or sorted(id2label) != list(range(len(id2label))):
+            problems.append("id2label.json must map '0' to 'background' and number classes 1..C without gaps")
+        if features is not None and "classes" in features:
+            names = features["classes"].feature.names
+            if names != [id2label[i] for i in sorted(id2label)]:
+                problems.append(f"id2label.json {id2label} does not match the ClassLabel names {names}")
+    except FileNotFoundError:
+        problems.append("id2label.json is missing")
+
+    card_path = folder / "README.md"
+    if not card_path.is_file():
+        problems.append("README.md (the dataset card) is missing")
+    else:
+        text = card_path.read_text(encoding="utf-8")
+        parts = text.split("---\n", 2)
+        meta = yaml.safe_load(parts[1]) if text.startswith("---\n") and len(parts) == 3 else None
+        if not isinstance(meta, dict):
+            problems.append("README.md has no YAML metadata block")
+            meta = {}
+        data_files: dict[str, list[str]] = {}
+        for config in meta.get("configs", []):
+            for entry in config.get("data_files", []):
+                patterns = entry["path"] if isinstance(entry["path"], list) else [entry["path"]]
+                data_files.setdefault(entry["split"], []).extend(patterns)
+        all_files = sorted(
+            str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and STATE_DIR not in p.parts
+        )
+        for split in sorted(set(data_files) | set(splits)):
+            matched = sorted({f for pattern in data_files.get(split, []) for f in all_files if fnmatch.fnmatch(f, pattern)})
+            expected = sorted(str(p.relative_to(folder)) for p in splits.get(split, []))
+            if matched != expected:
+                problems.append(f"card configs for split {split!r} match {matched}, but its shards are {expected}")
+        info = meta.get("dataset_info", {}) or {}
+        counted = {s["name"]: s.get("num_examples") for s in info.get("splits", [])}
+        if counted != rows:
+            problems.append(f"card dataset_info counts {counted}, the shards hold {rows}")
+        if features is not None:
+            card_features = Features._from_yaml_list(info.get("features", []))
+            if card_features != features:
+                problems.append(f"card dataset_info features {list(card_features)} differ from the shards' {list(features)}")
+    if problems:
+        raise ValueError(f"{folder} is not a valid dataset: " + "; ".join(problems))
+    return rows
