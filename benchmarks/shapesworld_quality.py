@@ -1,0 +1,188 @@
+"""ShapesWorld quality bars: prompt fidelity of the model, and DiffuMask mask IoU.
+
+1. The judge: the geometric recogniser (:mod:`diffuseg.shapesworld.recognize`) reads rendered
+   validation scenes; it must score ~100% there, or nothing below means anything.
+2. Prompt fidelity: the model draws every (colour, shape) prompt of its world, held-out
+   pairings included, and pair prompts; an image is faithful when the recogniser finds every
+   prompted colour with the prompted shape and no unprompted colour. Baseline measured in
+   the same run: the same images judged against a *shuffled* prompt (what fidelity an image
+   that ignores its prompt would get). Bar: ≥ 80%.
+3. DiffuMask masks (Otsu) on the generated images vs the recogniser's colour regions of the
+   prompted objects, per object; baseline: the all-image mask. Bar: IoU ≥ 0.5.
+   Runs when ``diffuseg.pipelines.DiffuMaskPipeline`` is importable.
+
+    python benchmarks/shapesworld_quality.py                       # the embedded model
+    python benchmarks/shapesworld_quality.py --model path/to/pipeline --images-per-prompt 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from diffuseg.models import resolve_model
+from diffuseg.shapesworld.recognize import prompt_fidelity, recognize
+from diffuseg.shapesworld.render import HELD_OUT_PAIRS, render, scene_from_seed
+from diffuseg.shapesworld.render import sample_seed as row_seed
+
+FIDELITY_BAR = 0.8
+IOU_BAR = 0.5
+
+
+def world_of(model_dir: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The shapes and colours the model was trained on (from its training_state.json)."""
+    config = json.loads((Path(model_dir) / "training_state.json").read_text())["config"]
+    return tuple(config["shapes"]), tuple(config["colors"])
+
+
+def judge_renders(shapes, colors, n: int) -> float:
+    """Fidelity of the recogniser on rendered validation scenes (held-out pairs allowed)."""
+    hits = 0
+    for index in tqdm(range(n), desc="judge on renders", mininterval=5):
+        scene, _ = scene_from_seed(row_seed(0, "validation", index), "validation", shapes=shapes, colors=colors,
+                                   n_objects=(1, 2))
+        image, _ = render(scene, 64, classes=shapes)
+        verdict = prompt_fidelity(recognize(image, shapes, colors), [(o.color, o.shape) for o in scene.objects])
+        hits += verdict["faithful"]
+    return hits / n
+
+
+def prompt_set(shapes, colors, n_pairs: int, seed: int) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Every single (colour, shape) prompt, plus ``n_pairs`` two-object prompts (distinct colours and shapes)."""
+    prompts = [(f"a {c} {s}", [(c, s)]) for s in shapes for c in colors]
+    rng = np.random.default_rng(seed)
+    while len(prompts) < len(shapes) * len(colors) + n_pairs:
+        (s1, s2), (c1, c2) = rng.choice(shapes, 2, replace=False), rng.choice(colors, 2, replace=False)
+        prompts.append((f"a {c1} {s1} and a {c2} {s2}", [(str(c1), str(s1)), (str(c2), str(s2))]))
+    return prompts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded ShapesWorld model)")
+    parser.add_argument("--images-per-prompt", type=int, default=2, help="images generated per prompt (default 2)")
+    parser.add_argument("--pairs", type=int, default=12, help="two-object prompts besides all single ones (default 12)")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    parser.add_argument("--renders", type=int, default=40, help="rendered scenes to check the judge on (default 40)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--save-grid", type=Path, default=None, help="write the generated images as one PNG grid")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model_dir = resolve_model(args.model)
+    shapes, colors = world_of(model_dir)
+    state = json.loads((Path(model_dir) / "training_state.json").read_text())["state"]
+    print(f"model: {model_dir} (UNet step {state['step']}, VAE PSNR {state['vae_psnr']:.1f} dB)")
+    print(f"world: shapes {list(shapes)}, colours {list(colors)}; held-out pairs "
+          f"{sorted(p for p in HELD_OUT_PAIRS if p[0] in colors and p[1] in shapes)}")
+
+    t0 = time.time()
+    judge = judge_renders(shapes, colors, args.renders)
+    print(f"judge on {args.renders} renders: {judge:.1%} faithful ({time.time() - t0:.0f}s)")
+
+    try:
+        from diffuseg.pipelines import DiffuMaskPipeline
+
+        pipeline_class, with_masks = DiffuMaskPipeline, True
+    except ImportError:
+        from diffusers import StableDiffusionPipeline
+
+        pipeline_class, with_masks = StableDiffusionPipeline, False
+    from diffuseg.models import load_pipeline
+
+    pipe = load_pipeline(pipeline_class, model_dir)
+    pipe.set_progress_bar_config(disable=True)
+
+    prompts = prompt_set(shapes, colors, args.pairs, args.seed)
+    rows = []  # one per image: prompt kind, held-out, verdict, shuffled verdict, IoUs
+    images_all = []
+    t0 = time.time()
+    for index, (prompt, objects) in enumerate(tqdm(prompts, desc="generate + judge", mininterval=5)):
+        generator = torch.Generator().manual_seed(args.seed * 100003 + index)
+        common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
+                      num_images_per_prompt=args.images_per_prompt, output_type="np", height=64, width=64)
+        if with_masks:
+            out = pipe(prompt, class_names=[s for _, s in objects], threshold="otsu", **common)
+            masks = out.masks
+        else:
+            out, masks = pipe(prompt, **common), None
+        images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
+        # the shuffled baseline: the prompt of another, fixed, index with a different set of objects
+        other = prompts[(index + len(prompts) // 2) % len(prompts)][1]
+        for k, image in enumerate(images):
+            images_all.append(image)
+            detections = recognize(image, shapes, colors)
+            verdict = prompt_fidelity(detections, objects)
+            shuffled = prompt_fidelity(detections, other)
+            ious, whole = [], []
+            if masks is not None:
+                found = {d.color: d.mask for d in detections}
+                for class_id, (color, _) in enumerate(objects, start=1):
+                    if color not in found:
+                        continue  # no reference mask: counted by fidelity, not by IoU
+                    ref, pred = found[color], masks[k] == class_id
+                    ious.append((ref & pred).sum() / max((ref | pred).sum(), 1))
+                    whole.append(ref.mean())
+            rows.append({
+                "kind": "single" if len(objects) == 1 else "pair",
+                "held_out": any(p in HELD_OUT_PAIRS for p in objects),
+                **verdict, "shuffled": shuffled["faithful"], "ious": ious, "whole": whole,
+            })
+    seconds = time.time() - t0
+
+    def rate(selected, key):
+        return (sum(r[key] for r in selected) / len(selected), len(selected)) if selected else (float("nan"), 0)
+
+    groups = {
+        "all": rows,
+        "single": [r for r in rows if r["kind"] == "single"],
+        "pair": [r for r in rows if r["kind"] == "pair"],
+        "held-out": [r for r in rows if r["held_out"]],
+        "seen": [r for r in rows if not r["held_out"]],
+    }
+    print(f"\n{len(rows)} images in {seconds:.0f}s ({args.steps} DDIM steps, guidance {args.guidance})")
+    print(f"{'group':<10}{'n':>5}{'colours':>10}{'shapes':>10}{'no extra':>10}{'faithful':>10}{'shuffled':>10}{'ratio':>8}")
+    for name, selected in groups.items():
+        n = len(selected)
+        if not n:
+            continue
+        values = [rate(selected, key)[0] for key in ("colors", "shapes", "no_extra", "faithful", "shuffled")]
+        ratio = values[3] / values[4] if values[4] else float("inf")
+        print(f"{name:<10}{n:>5}" + "".join(f"{v:>10.1%}" for v in values) + f"{ratio:>8.2f}")
+    fidelity = rate(rows, "faithful")[0]
+    print(f"prompt fidelity {fidelity:.1%} (bar {FIDELITY_BAR:.0%}): {'PASS' if fidelity >= FIDELITY_BAR else 'FAIL'}")
+    if with_masks:
+        ious = [v for r in rows for v in r["ious"]]
+        whole = [v for r in rows for v in r["whole"]]
+        for name, selected in groups.items():
+            values = [v for r in selected for v in r["ious"]]
+            if values:
+                print(f"DiffuMask IoU {name:<9} {np.mean(values):.3f} over {len(values)} objects")
+        if ious:
+            mean_iou, base = float(np.mean(ious)), float(np.mean(whole))
+            print(f"DiffuMask (Otsu) IoU vs geometric reference: {mean_iou:.3f}; whole-image baseline {base:.3f} "
+                  f"(ratio {mean_iou / base:.2f}); bar {IOU_BAR}: {'PASS' if mean_iou >= IOU_BAR else 'FAIL'}")
+    else:
+        print("DiffuMaskPipeline not importable: mask IoU not measured")
+    if args.save_grid is not None:
+        from PIL import Image
+
+        per_row = args.images_per_prompt * 6
+        padded = images_all + [np.zeros_like(images_all[0])] * (-len(images_all) % per_row)
+        grid = np.concatenate([np.concatenate(padded[i:i + per_row], 1) for i in range(0, len(padded), per_row)], 0)
+        Image.fromarray(grid).save(args.save_grid)
+        print(f"grid: {args.save_grid}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

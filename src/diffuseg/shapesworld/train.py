@@ -1,0 +1,810 @@
+"""Train the embedded ShapesWorld model: a Stable-Diffusion-architecture text-to-image model.
+
+The recipe is SD's at toy scale, trained on rendered scenes and their captions only (never
+on the label maps):
+
+1. **VAE** (``AutoencoderKL``, 64² RGB → 16²×4 latents): L1 + L2 reconstruction and a small
+   KL term on freshly rendered scenes; PSNR on a fixed validation batch is logged.
+2. **Latent cache**: the frozen VAE encodes a few tens of thousands of rendered scenes once
+   (mean and std of the posterior, fp16, with the caption's token ids), so the diffusion
+   stage never runs the VAE encoder.
+3. **Text encoder + UNet** (``CLIPTextModel`` with a tokenizer built from the world's words,
+   ``UNet2DConditionModel`` with cross-attention at 16² and 8²), trained together: DDPM
+   ε-prediction with scaled-linear betas, captions dropped 10% of the time for
+   classifier-free guidance, EMA of the weights. Curriculum: single objects first, then
+   pairs mixed in.
+
+Every ``--save-minutes`` the script writes a full resumable checkpoint (fp32 weights, EMA,
+optimizer; safetensors and JSON only) into ``--output-dir`` and exports the EMA weights as
+an fp16 ``StableDiffusionPipeline`` folder (DDIM scheduler, model card,
+``training_state.json``) into ``--export-dir``. Runs are reproducible from the recorded seed
+and config: every batch and every noise draw come from a generator seeded by (seed, step).
+
+Resume:
+
+* ``--resume`` continues from ``<output-dir>/checkpoint`` (same optimizer state and data order);
+* when that folder is missing (a fresh clone has only what is committed), ``--resume``
+  continues from the exported pipeline in ``--export-dir`` instead: the EMA weights and the
+  recorded config and step are restored, the optimizer restarts (with its warm-up), and the
+  latent cache is rebuilt deterministically from the seed.
+
+Examples::
+
+    python -m diffuseg.shapesworld.train --output-dir runs/shapesworld
+    nohup nice -n 19 python -m diffuseg.shapesworld.train --output-dir runs/shapesworld --resume \\
+        > runs/shapesworld/train.log 2>&1 &
+    accelerate launch -m diffuseg.shapesworld.train --output-dir runs/shapesworld --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from diffuseg.shapesworld.render import COLORS, SHAPES, caption, render, sample_scene, world_words
+
+ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "shapesworld"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (recorded with every checkpoint and export)."""
+
+    seed: int = 0
+    shapes: tuple[str, ...] = SHAPES[:3]
+    colors: tuple[str, ...] = tuple(COLORS)[:6]
+    image_size: int = 64
+    radius_px: tuple[float, float] = (12.0, 24.0)
+    max_rotation: float = 0.0
+    textured_prob: float = 0.5
+    # tokenizer and text encoder
+    max_length: int = 16
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    # VAE
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_norm_groups: int = 32
+    vae_batch: int = 32
+    vae_lr: float = 5e-4
+    vae_kl_weight: float = 1e-6
+    vae_max_steps: int = 6000
+    vae_max_cpu_minutes: float = 40.0
+    vae_target_psnr: float = 32.0
+    vae_eval_every: int = 200
+    # latent cache
+    cache_singles: int = 20000
+    cache_pairs: int = 20000
+    cache_batch: int = 256
+    # UNet
+    unet_channels: tuple[int, ...] = (64, 128)
+    unet_layers_per_block: int = 1
+    unet_heads: int = 4
+    unet_norm_groups: int = 32
+    batch: int = 64
+    lr: float = 4e-4
+    warmup_steps: int = 300
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    max_steps: int = 30000
+    single_only_steps: int = 1500
+    pair_ramp_steps: int = 3000
+    max_pair_fraction: float = 0.5
+    # bookkeeping
+    log_every: int = 25
+    save_minutes: float = 12.0
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """A config from a JSON-like dict (lists become tuples, unknown keys are an error)."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+MICRO = dict(
+    shapes=("circle", "square"),
+    colors=("red", "blue"),
+    image_size=32,
+    radius_px=(6.0, 12.0),
+    text_width=16,
+    text_layers=1,
+    text_heads=2,
+    vae_channels=(8, 8, 8),
+    vae_norm_groups=4,
+    vae_batch=4,
+    vae_max_steps=3,
+    vae_eval_every=2,
+    cache_singles=16,
+    cache_pairs=16,
+    cache_batch=16,
+    unet_channels=(16, 32),
+    unet_heads=2,
+    unet_norm_groups=8,
+    batch=4,
+    warmup_steps=2,
+    max_steps=4,
+    single_only_steps=1,
+    pair_ramp_steps=2,
+    log_every=1,
+)
+"""A config small enough to run every stage in seconds (tests, smoke runs)."""
+
+PRESETS = {"default": {}, "micro": MICRO}
+
+
+# ---------------------------------------------------------------------------------------
+# models
+
+
+def build_tokenizer(config: TrainConfig):
+    """The CLIP tokenizer: every word of the world (all shapes and colours, so the world can grow) is one token."""
+    from diffuseg.testing import build_clip_tokenizer
+
+    return build_clip_tokenizer(world_words(SHAPES, tuple(COLORS)), model_max_length=config.max_length)
+
+
+def build_models(config: TrainConfig, tokenizer) -> dict:
+    """Fresh VAE, text encoder and UNet for ``config`` (initialised from ``config.seed``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    latent_size = config.image_size // 2 ** (len(config.vae_channels) - 1)
+    torch.manual_seed(config.seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=config.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=config.vae_norm_groups,
+        sample_size=config.image_size,
+    )
+    torch.manual_seed(config.seed + 1)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.text_width,
+            intermediate_size=4 * config.text_width,
+            num_hidden_layers=config.text_layers,
+            num_attention_heads=config.text_heads,
+            max_position_embeddings=config.max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_act="quick_gelu",
+        )
+    )
+    torch.manual_seed(config.seed + 2)
+    blocks = len(config.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=config.unet_channels,
+        layers_per_block=config.unet_layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * blocks,
+        up_block_types=("CrossAttnUpBlock2D",) * blocks,
+        cross_attention_dim=config.text_width,
+        attention_head_dim=config.unet_heads,
+        norm_num_groups=config.unet_norm_groups,
+    )
+    return {"vae": vae, "text_encoder": text_encoder, "unet": unet}
+
+
+def noise_schedulers():
+    """The training (DDPM) and the shipped sampling (DDIM) schedulers: SD's scaled-linear betas, ε-prediction."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    ddpm = DDPMScheduler(**common, prediction_type="epsilon", clip_sample=False)
+    ddim = DDIMScheduler(**common, prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return ddpm, ddim
+
+
+class EMA:
+    """Exponential moving average of a model's parameters (fp32), with the usual warm-up."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p.detach().clone().float() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.params, [p.detach().float() for p in model.parameters()], 1 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        for target, value in zip(model.parameters(), self.params):
+            target.copy_(value)
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {name: value for (name, _), value in zip(model.named_parameters(), self.params)}
+
+    def load_state_dict(self, model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
+        self.params = [values[name].clone().float() for name, _ in model.named_parameters()]
+
+
+# ---------------------------------------------------------------------------------------
+# data
+
+
+def scene_kwargs(config: TrainConfig) -> dict:
+    return dict(
+        shapes=config.shapes,
+        colors=config.colors,
+        radius=(config.radius_px[0] / 64, config.radius_px[1] / 64),
+        max_rotation=config.max_rotation,
+        textured_prob=config.textured_prob,
+        held_out="exclude",  # the model is trained on the train split only
+    )
+
+
+def render_batch(config: TrainConfig, seeds: Sequence[int], n_objects: int | tuple[int, int]) -> tuple[torch.Tensor, list[str]]:
+    """Rendered training scenes for ``seeds`` as a (B, 3, H, W) tensor in [-1, 1], and their captions."""
+    images, captions = [], []
+    for s in seeds:
+        rng = np.random.default_rng(s)
+        scene = sample_scene(rng, n_objects=n_objects, **scene_kwargs(config))
+        images.append(render(scene, config.image_size, classes=SHAPES)[0])
+        captions.append(caption(scene, rng))
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return batch, captions
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids exactly as ``StableDiffusionPipeline`` makes them (padded to the tokenizer's max length)."""
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two image batches in [-1, 1]."""
+    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean().item()
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints (safetensors + JSON, never pickle)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replace folder ``target`` by ``staging`` so that a reader never sees a half-written folder for long."""
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        target.rename(old)
+    staging.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class Trainer:
+    """One training run: owns the models, the optimizers, the state and the files."""
+
+    def __init__(self, config: TrainConfig, output_dir: Path, export_dir: Path | None, accelerator, threads: int | None):
+        self.config = config
+        self.output_dir = output_dir
+        self.export_dir = export_dir
+        self.accelerator = accelerator
+        self.threads = threads
+        self.tokenizer = build_tokenizer(config)
+        models = build_models(config, self.tokenizer)
+        self.vae, self.text_encoder, self.unet = models["vae"], models["text_encoder"], models["unet"]
+        self.ddpm, self.ddim = noise_schedulers()
+        self.state = {"stage": "vae", "vae_step": 0, "step": 0, "vae_psnr": None, "scaling_factor": None,
+                      "loss_avg": None, "seconds_per_step": None, "train_seconds": 0.0, "resumed_from": []}
+        self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=config.vae_lr)
+        self.opt = torch.optim.AdamW(
+            [*self.unet.parameters(), *self.text_encoder.parameters()], lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.ema_unet = EMA(self.unet, config.ema_decay)
+        self.ema_text = EMA(self.text_encoder, config.ema_decay)
+        self.cache: dict[str, torch.Tensor] | None = None
+        self.stop_requested = False
+        self.log_file = output_dir / "log.jsonl"
+
+    # -- persistence ------------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoint"
+
+    def log(self, **record) -> None:
+        record = {"time": round(time.time(), 1), **record}
+        if self.accelerator.is_main_process:
+            with open(self.log_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            shown = {"time": time.strftime("%H:%M:%S"), **{k: v for k, v in record.items() if k != "time"}}
+            tqdm.write(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+
+    def save_checkpoint(self) -> None:
+        """Full resumable state into ``<output-dir>/checkpoint`` (fp32 weights, EMA, optimizers)."""
+        from safetensors.torch import save_file
+
+        if not self.accelerator.is_main_process:
+            return
+        staging = self.output_dir / "checkpoint.tmp"
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+        unet, text_encoder = self.accelerator.unwrap_model(self.unet), self.accelerator.unwrap_model(self.text_encoder)
+        weights = {
+            **{f"vae.{k}": v for k, v in self.vae.state_dict().items()},
+            **{f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()},
+            **{f"unet.{k}": v for k, v in unet.state_dict().items()},
+            **{f"ema.text_encoder.{k}": v for k, v in self.ema_text.state_dict(text_encoder).items()},
+            **{f"ema.unet.{k}": v for k, v in self.ema_unet.state_dict(unet).items()},
+        }
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, staging / "models.safetensors")
+        meta = {}
+        for name, optimizer in (("vae_optimizer", self.vae_opt), ("optimizer", self.opt)):
+            tensors, meta[name] = _optimizer_tensors(optimizer)
+            save_file(tensors, staging / f"{name}.safetensors")
+        (staging / "state.json").write_text(
+            json.dumps({"state": self.state, "config": self.config.to_dict(), "optimizers": meta}, indent=1)
+        )
+        _swap_in(staging, self.checkpoint_dir)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        saved = json.loads((folder / "state.json").read_text())
+        self.state.update(saved["state"])
+        weights = load_file(folder / "models.safetensors")
+        unet, text_encoder = self.accelerator.unwrap_model(self.unet), self.accelerator.unwrap_model(self.text_encoder)
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+        self.vae.load_state_dict(part("vae."))
+        text_encoder.load_state_dict(part("text_encoder."))
+        unet.load_state_dict(part("unet."))
+        self.ema_text.load_state_dict(text_encoder, part("ema.text_encoder."))
+        self.ema_unet.load_state_dict(unet, part("ema.unet."))
+        for name, optimizer in (("vae_optimizer", self.vae_opt), ("optimizer", self.opt)):
+            _load_optimizer(optimizer, load_file(folder / f"{name}.safetensors"), saved["optimizers"][name])
+        if self.state["scaling_factor"] is not None:
+            self.vae.register_to_config(scaling_factor=self.state["scaling_factor"])
+
+    def load_export(self, folder: Path) -> None:
+        """Continue from a shipped pipeline folder: EMA weights become the weights; the optimizer restarts."""
+        from diffusers import StableDiffusionPipeline
+
+        saved = json.loads((folder / "training_state.json").read_text())
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, torch_dtype=torch.float32, use_safetensors=True, safety_checker=None, requires_safety_checker=False
+        )
+        self.vae.load_state_dict(pipe.vae.state_dict())
+        self.vae.register_to_config(scaling_factor=pipe.vae.config.scaling_factor)
+        self.accelerator.unwrap_model(self.text_encoder).load_state_dict(pipe.text_encoder.state_dict())
+        self.accelerator.unwrap_model(self.unet).load_state_dict(pipe.unet.state_dict())
+        self.ema_text = EMA(self.accelerator.unwrap_model(self.text_encoder), self.config.ema_decay)
+        self.ema_unet = EMA(self.accelerator.unwrap_model(self.unet), self.config.ema_decay)
+        self.state.update(saved["state"])
+        self.state["stage"] = "unet"
+        self.state["warmup_from"] = self.state["step"]  # fresh optimizer: warm up again
+
+    def export(self) -> None:
+        """Write the EMA model as an fp16 ``StableDiffusionPipeline`` folder into ``--export-dir``."""
+        from diffusers import StableDiffusionPipeline
+
+        from diffuseg.testing import save_clip_tokenizer
+
+        if self.export_dir is None or not self.accelerator.is_main_process:
+            return
+        unet = copy.deepcopy(self.accelerator.unwrap_model(self.unet))
+        text_encoder = copy.deepcopy(self.accelerator.unwrap_model(self.text_encoder))
+        self.ema_unet.copy_to(unet)
+        self.ema_text.copy_to(text_encoder)
+        pipe = StableDiffusionPipeline(
+            vae=copy.deepcopy(self.vae), text_encoder=text_encoder, tokenizer=self.tokenizer, unet=unet,
+            scheduler=self.ddim, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        ).to(torch.float16)
+        # the text encoder is tiny and transformers loads it in its saved dtype (diffusers models
+        # load in fp32): fp32 here keeps a plain from_pretrained() consistent on CPU
+        pipe.text_encoder.to(torch.float32)
+        staging = self.export_dir.with_name("." + self.export_dir.name + ".tmp")
+        if staging.exists():
+            shutil.rmtree(staging)
+        pipe.save_pretrained(staging, safe_serialization=True)
+        save_clip_tokenizer(self.tokenizer, staging / "tokenizer")
+        (staging / "training_state.json").write_text(
+            json.dumps({"state": self.state, "config": self.config.to_dict()}, indent=1)
+        )
+        (staging / "README.md").write_text(model_card(self.config, self.state))
+        self.export_dir.parent.mkdir(parents=True, exist_ok=True)
+        _swap_in(staging, self.export_dir)
+
+    def save(self, reason: str) -> None:
+        t0 = time.time()
+        self.save_checkpoint()
+        if self.state["stage"] in ("unet", "done"):
+            self.export()
+        self.log(event="saved", reason=reason, stage=self.state["stage"], step=self.state["step"],
+                 seconds=round(time.time() - t0, 1))
+
+    # -- stage 1: VAE ---------------------------------------------------------------------
+
+    def train_vae(self) -> None:
+        config = self.config
+        val_seeds = [int(s) for s in np.random.SeedSequence([config.seed, 99]).generate_state(64)]
+        val_images, _ = render_batch(config, val_seeds, (1, 2))
+        first_step = self.state["vae_step"]
+        start_time, start_cpu = time.time(), time.process_time() - self.state.get("vae_cpu_seconds", 0.0)
+        last_save = time.time()
+        progress = tqdm(total=config.vae_max_steps, initial=self.state["vae_step"], desc="VAE", mininterval=20,
+                        disable=not self.accelerator.is_main_process)
+        self.vae.train()
+        while self.state["vae_step"] < config.vae_max_steps and not self.stop_requested:
+            step = self.state["vae_step"]
+            t0 = time.time()
+            seeds = [int(s) for s in np.random.SeedSequence([config.seed, 1, step]).generate_state(config.vae_batch)]
+            images, _ = render_batch(config, seeds, (1, 2))
+            posterior = self.vae.encode(images).latent_dist
+            recon = self.vae.decode(posterior.sample()).sample
+            loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + config.vae_kl_weight * posterior.kl().mean()
+            self.vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.vae_opt.step()
+            self.state["vae_step"] = step = step + 1
+            self.state["train_seconds"] += time.time() - t0
+            progress.update(1)
+            # a CPU-time budget, so a busy machine (other jobs, nice 19) gets the same VAE as an idle one
+            self.state["vae_cpu_seconds"] = time.process_time() - start_cpu
+            done = step >= config.vae_max_steps or self.state["vae_cpu_seconds"] / 60 >= config.vae_max_cpu_minutes
+            if step % config.vae_eval_every == 0 or done:
+                self.vae.eval()
+                with torch.no_grad():
+                    value = psnr(self.vae(val_images, sample_posterior=False).sample, val_images)
+                self.vae.train()
+                self.state["vae_psnr"] = value
+                self.log(stage="vae", step=step, loss=loss.item(), psnr=value,
+                         cpu_minutes=round(self.state["vae_cpu_seconds"] / 60, 1),
+                         seconds_per_step=round((time.time() - start_time) / max(step - first_step, 1), 3))
+                progress.set_postfix(psnr=f"{value:.1f}")
+                done = done or value >= config.vae_target_psnr
+            if done:
+                break
+            if (time.time() - last_save) / 60 >= config.save_minutes:
+                self.save("interval")
+                last_save = time.time()
+        progress.close()
+        if self.stop_requested:
+            return
+        self.vae.eval()
+        # SD's convention: latents are multiplied by 1/std so the diffusion sees unit variance
+        with torch.no_grad():
+            latents = self.vae.encode(val_images).latent_dist.sample(torch.Generator().manual_seed(config.seed))
+        self.state["scaling_factor"] = float(1 / latents.std())
+        self.vae.register_to_config(scaling_factor=self.state["scaling_factor"])
+        self.state["stage"] = "cache"
+        self.log(stage="vae", event="done", psnr=self.state["vae_psnr"], scaling_factor=self.state["scaling_factor"])
+        self.save("vae done")
+
+    # -- stage 2: latent cache --------------------------------------------------------------
+
+    def build_cache(self) -> dict[str, torch.Tensor]:
+        """Encode the cached scenes with the frozen VAE (deterministic from the seed; rebuilt when missing)."""
+        from safetensors.torch import load_file, save_file
+
+        config = self.config
+        path = self.output_dir / "latent_cache.safetensors"
+        key = {"seed": config.seed, "singles": config.cache_singles, "pairs": config.cache_pairs,
+               "scaling_factor": self.state["scaling_factor"], "vae_step": self.state["vae_step"],
+               "scene": {k: v for k, v in scene_kwargs(config).items()}}
+        key_path = path.with_suffix(".json")
+        if path.is_file() and key_path.is_file() and json.loads(key_path.read_text()) == json.loads(json.dumps(key)):
+            return load_file(path)
+        parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "ids": [], "objects": []}
+        jobs = [(1, config.cache_singles), (2, config.cache_pairs)]
+        progress = tqdm(total=sum(n for _, n in jobs), desc="latent cache", mininterval=20,
+                        disable=not self.accelerator.is_main_process)
+        self.vae.eval()
+        for objects, count in jobs:
+            for start in range(0, count, config.cache_batch):
+                seeds = [int(np.random.SeedSequence([config.seed, 2, objects, i]).generate_state(1)[0])
+                         for i in range(start, min(start + config.cache_batch, count))]
+                images, captions = render_batch(config, seeds, objects)
+                with torch.no_grad():
+                    posterior = self.vae.encode(images).latent_dist
+                parts["mean"].append(posterior.mean.half())
+                parts["std"].append(posterior.std.half())
+                parts["ids"].append(tokenize(self.tokenizer, captions).int())
+                parts["objects"].append(torch.full((len(seeds),), objects, dtype=torch.int8))
+                progress.update(len(seeds))
+        progress.close()
+        cache = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+        if self.accelerator.is_main_process:
+            save_file(cache, path)
+            key_path.write_text(json.dumps(key))
+        return cache
+
+    # -- stage 3: text encoder + UNet -------------------------------------------------------
+
+    def pair_fraction(self, step: int) -> float:
+        config = self.config
+        if step < config.single_only_steps:
+            return 0.0
+        ramp = min(1.0, (step - config.single_only_steps) / max(config.pair_ramp_steps, 1))
+        return config.max_pair_fraction * ramp
+
+    def learning_rate(self, step: int) -> float:
+        since = step - self.state.get("warmup_from", 0)
+        return self.config.lr * min(1.0, (since + 1) / max(self.config.warmup_steps, 1))
+
+    def train_unet(self) -> None:
+        config = self.config
+        cache = self.build_cache()
+        singles = torch.nonzero(cache["objects"] == 1).flatten()
+        pairs = torch.nonzero(cache["objects"] == 2).flatten()
+        empty_ids = tokenize(self.tokenizer, [""])[0]
+        alphas = self.ddpm.alphas_cumprod
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        self.unet.train()
+        self.text_encoder.train()
+        last_save = time.time()
+        window_loss, window_start, window_steps = 0.0, time.time(), 0
+        progress = tqdm(total=config.max_steps, initial=self.state["step"], desc="UNet", mininterval=30,
+                        disable=not self.accelerator.is_main_process)
+        while self.state["step"] < config.max_steps and not self.stop_requested:
+            step = self.state["step"]
+            t0 = time.time()
+            # (seed, step, rank) fixes the batch and the noise, so a resumed run continues identically
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([config.seed, 3, step, rank]).generate_state(1)[0]))
+            n_pairs = int(torch.binomial(torch.tensor(float(config.batch)), torch.tensor(self.pair_fraction(step)),
+                                         generator=g).item()) if self.pair_fraction(step) > 0 else 0
+            index = torch.cat([singles[torch.randint(len(singles), (config.batch - n_pairs,), generator=g)],
+                               pairs[torch.randint(len(pairs), (n_pairs,), generator=g)]])
+            mean, std = cache["mean"][index].float(), cache["std"][index].float()
+            latents = (mean + std * torch.randn(mean.shape, generator=g)) * self.state["scaling_factor"]
+            ids = cache["ids"][index].long()
+            drop = torch.rand(len(index), generator=g) < config.caption_dropout
+            ids[drop] = empty_ids
+            noise = torch.randn(latents.shape, generator=g)
+            timesteps = torch.randint(0, self.ddpm.config.num_train_timesteps, (len(index),), generator=g)
+            a = alphas[timesteps].view(-1, 1, 1, 1)
+            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+            for group in self.opt.param_groups:
+                group["lr"] = self.learning_rate(step)
+            hidden = self.text_encoder(ids)[0]
+            pred = self.unet(noisy, timesteps, hidden).sample
+            loss = F.mse_loss(pred, noise)
+            if not torch.isfinite(loss):
+                self.log(stage="unet", step=step, event="non-finite loss, batch skipped")
+                self.opt.zero_grad(set_to_none=True)
+                self.state["step"] = step + 1
+                continue
+            self.opt.zero_grad(set_to_none=True)
+            self.accelerator.backward(loss)
+            self.accelerator.clip_grad_norm_([*self.unet.parameters(), *self.text_encoder.parameters()],
+                                             config.max_grad_norm)
+            self.opt.step()
+            self.ema_unet.update(self.accelerator.unwrap_model(self.unet), step)
+            self.ema_text.update(self.accelerator.unwrap_model(self.text_encoder), step)
+            self.state["step"] = step = step + 1
+            elapsed = time.time() - t0
+            self.state["train_seconds"] += elapsed
+            window_loss += loss.item()
+            window_steps += 1
+            progress.update(1)
+            if step % config.log_every == 0:
+                avg = window_loss / window_steps
+                self.state["loss_avg"] = avg
+                self.state["seconds_per_step"] = round((time.time() - window_start) / window_steps, 3)
+                self.log(stage="unet", step=step, loss=avg, lr=self.learning_rate(step),
+                         pair_fraction=round(self.pair_fraction(step), 3),
+                         seconds_per_step=self.state["seconds_per_step"])
+                progress.set_postfix(loss=f"{avg:.4f}")
+                window_loss, window_start, window_steps = 0.0, time.time(), 0
+            if (time.time() - last_save) / 60 >= config.save_minutes:
+                self.save("interval")
+                last_save = time.time()
+        progress.close()
+        if self.state["step"] >= config.max_steps:
+            self.state["stage"] = "done"
+
+    def run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.unet, self.text_encoder, self.opt = self.accelerator.prepare(self.unet, self.text_encoder, self.opt)
+        self.log(event="start", stage=self.state["stage"], step=self.state["step"], vae_step=self.state["vae_step"],
+                 unet_params=sum(p.numel() for p in self.unet.parameters()),
+                 text_params=sum(p.numel() for p in self.text_encoder.parameters()),
+                 vae_params=sum(p.numel() for p in self.vae.parameters()))
+        if self.state["stage"] == "done" and self.state["step"] < self.config.max_steps:
+            self.state["stage"] = "unet"  # resumed with a larger max_steps
+        if self.state["stage"] == "vae":
+            self.train_vae()
+        if self.state["stage"] in ("cache", "unet") and not self.stop_requested:
+            self.state["stage"] = "unet"
+            self.train_unet()
+        self.save("stop requested" if self.stop_requested else "finished")
+
+
+def model_card(config: TrainConfig, state: dict) -> str:
+    """The README.md of the exported pipeline folder: what it is, how it was trained, how to continue."""
+    psnr_text = f"{state['vae_psnr']:.1f} dB" if state.get("vae_psnr") is not None else "n/a"
+    loss_text = f"{state['loss_avg']:.4f}" if state.get("loss_avg") is not None else "n/a"
+    return f"""---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [stable-diffusion, shapesworld, diffuseg, tiny]
+license: apache-2.0
+---
+
+# ShapesWorld tiny Stable Diffusion (embedded default of `diffuseg`)
+
+A Stable-Diffusion-architecture text-to-image model at toy scale, trained by
+`python -m diffuseg.shapesworld.train` on rendered ShapesWorld scenes and their captions
+only (never on the label maps). It draws {', '.join(config.colors)} {', '.join(config.shapes)}s
+at {config.image_size}×{config.image_size} px, one or two per image.
+The (colour, shape) pairs in `diffuseg.shapesworld.HELD_OUT_PAIRS` never occurred in training.
+
+```python
+from diffusers import StableDiffusionPipeline
+from diffuseg.models import load_default_model
+pipe = load_default_model(StableDiffusionPipeline)          # offline
+image = pipe("a red circle and a blue square", num_inference_steps=25, guidance_scale=4.0,
+             height={config.image_size}, width={config.image_size}).images[0]
+```
+
+## Recipe
+
+| part | value |
+|---|---|
+| VAE | `AutoencoderKL` {list(config.vae_channels)}, {config.image_size}² → {config.image_size // 2 ** (len(config.vae_channels) - 1)}²×4, L1+L2+{config.vae_kl_weight:g}·KL, {state.get('vae_step')} steps, PSNR {psnr_text}, scaling factor {state.get('scaling_factor')} |
+| text encoder | `CLIPTextModel`, width {config.text_width}, {config.text_layers} layers; CLIP BPE tokenizer of the world's words, max length {config.max_length} |
+| UNet | `UNet2DConditionModel` {list(config.unet_channels)}, {config.unet_layers_per_block} layer(s) per block, cross-attention at every resolution |
+| objective | DDPM ε-prediction, 1000 steps, scaled-linear betas 0.00085–0.012; caption dropout {config.caption_dropout}; EMA {config.ema_decay} |
+| optimisation | AdamW lr {config.lr}, batch {config.batch}, warm-up {config.warmup_steps}, grad-norm clip {config.max_grad_norm} |
+| curriculum | single objects for {config.single_only_steps} steps, then pairs ramped to {config.max_pair_fraction:.0%} over {config.pair_ramp_steps} steps; radius {config.radius_px[0]:g}–{config.radius_px[1]:g} px |
+| progress | **{state.get('step')} UNet steps** of {config.max_steps}; recent loss {loss_text}; {state.get('train_seconds', 0) / 3600:.2f} h of training compute |
+| weights | EMA weights, safetensors: UNet and VAE fp16 (loaded as fp32), text encoder fp32; sampler: DDIM |
+| seed | {config.seed} (full config in `training_state.json`) |
+
+## Continue training
+
+```bash
+python -m diffuseg.shapesworld.train --output-dir runs/shapesworld --resume
+```
+
+With no checkpoint in `runs/shapesworld`, `--resume` starts from this folder: weights, step
+and config from here, a fresh optimizer (warmed up again) and a latent cache rebuilt from
+the seed. The script re-exports here every {config.save_minutes:g} minutes.
+"""
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = dict(PRESETS[args.preset])
+    if args.config:
+        values.update(json.loads(Path(args.config).read_text()))
+    for item in args.set or []:
+        key, _, raw = item.partition("=")
+        values[key] = json.loads(raw)
+    return TrainConfig.from_dict(values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m diffuseg.shapesworld.train",
+        description=__doc__.split("\n\n")[0],
+        epilog="Resuming: --resume continues from <output-dir>/checkpoint, or, if it is missing, from the "
+        "pipeline in --export-dir (its training_state.json holds the step and config).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/shapesworld"),
+                        help="where checkpoints, the latent cache and log.jsonl go (default: runs/shapesworld)")
+    parser.add_argument("--export-dir", type=Path, default=ASSET_DIR,
+                        help="where the fp16 pipeline is exported (default: the package's embedded model folder)")
+    parser.add_argument("--no-export", action="store_true", help="never write the exported pipeline")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="base config: 'default' (the shipped model) or 'micro' (seconds, for tests)")
+    parser.add_argument("--config", help="JSON file of config values applied over the preset")
+    parser.add_argument("--set", action="append", metavar="KEY=JSON",
+                        help="override one config value, e.g. --set max_steps=20000 --set 'shapes=[\"circle\"]'")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a run (see below); the recorded config wins over --preset/--config, "
+                        "except values given with --set")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from accelerate import Accelerator
+
+    args = build_parser().parse_args(argv)
+    config = _config_from_args(args)
+    output_dir: Path = args.output_dir
+    export_dir = None if args.no_export else args.export_dir
+    checkpoint = output_dir / "checkpoint" / "state.json"
+    shipped = export_dir / "training_state.json" if export_dir is not None else None
+    source = None
+    if args.resume:
+        if checkpoint.is_file():
+            source = ("checkpoint", checkpoint.parent)
+        elif shipped is not None and shipped.is_file():
+            source = ("export", shipped.parent)
+        else:
+            raise FileNotFoundError(
+                f"--resume: neither {checkpoint} nor {shipped} exists; run once without --resume to start training"
+            )
+        recorded = json.loads((source[1] / ("state.json" if source[0] == "checkpoint" else "training_state.json"))
+                              .read_text())["config"]
+        overrides = {item.partition("=")[0]: json.loads(item.partition("=")[2]) for item in args.set or []}
+        config = TrainConfig.from_dict({**recorded, **overrides})
+    elif checkpoint.is_file():
+        raise FileExistsError(f"{checkpoint} exists: pass --resume to continue it, or choose another --output-dir")
+    if args.print_config:
+        print(json.dumps(config.to_dict(), indent=1))
+        return 0
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator()
+    trainer = Trainer(config, output_dir, export_dir, accelerator, args.threads)
+    if source is not None:
+        (trainer.load_checkpoint if source[0] == "checkpoint" else trainer.load_export)(source[1])
+        trainer.state["resumed_from"] = [*trainer.state.get("resumed_from", []), f"{source[0]}@{trainer.state['step']}"]
+    if accelerator.is_main_process:
+        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+
+    def request_stop(signum, frame):  # finish the current step, save, exit
+        trainer.stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    trainer.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
