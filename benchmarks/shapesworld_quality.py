@@ -35,19 +35,19 @@ FIDELITY_BAR = 0.8
 IOU_BAR = 0.5
 
 
-def world_of(model_dir: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The shapes and colours the model was trained on (from its training_state.json)."""
+def world_of(model_dir: str) -> tuple[tuple[str, ...], tuple[str, ...], int]:
+    """The shapes, colours and image size the model was trained on (from its training_state.json)."""
     config = json.loads((Path(model_dir) / "training_state.json").read_text())["config"]
-    return tuple(config["shapes"]), tuple(config["colors"])
+    return tuple(config["shapes"]), tuple(config["colors"]), int(config["image_size"])
 
 
-def judge_renders(shapes, colors, n: int) -> float:
+def judge_renders(shapes, colors, n: int, size: int) -> float:
     """Fidelity of the recogniser on rendered validation scenes (held-out pairs allowed)."""
     hits = 0
     for index in tqdm(range(n), desc="judge on renders", mininterval=5):
         scene, _ = scene_from_seed(row_seed(0, "validation", index), "validation", shapes=shapes, colors=colors,
                                    n_objects=(1, 2))
-        image, _ = render(scene, 64, classes=shapes)
+        image, _ = render(scene, size, classes=shapes)
         verdict = prompt_fidelity(recognize(image, shapes, colors), [(o.color, o.shape) for o in scene.objects])
         hits += verdict["faithful"]
     return hits / n
@@ -79,14 +79,14 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     model_dir = resolve_model(args.model)
-    shapes, colors = world_of(model_dir)
+    shapes, colors, size = world_of(model_dir)
     state = json.loads((Path(model_dir) / "training_state.json").read_text())["state"]
     print(f"model: {model_dir} (UNet step {state['step']}, VAE PSNR {state['vae_psnr']:.1f} dB)")
     print(f"world: shapes {list(shapes)}, colours {list(colors)}; held-out pairs "
           f"{sorted(p for p in HELD_OUT_PAIRS if p[0] in colors and p[1] in shapes)}")
 
     t0 = time.time()
-    judge = judge_renders(shapes, colors, args.renders)
+    judge = judge_renders(shapes, colors, args.renders, size)
     print(f"judge on {args.renders} renders: {judge:.1%} faithful ({time.time() - t0:.0f}s)")
 
     try:
@@ -109,7 +109,7 @@ def main() -> int:
     for index, (prompt, objects) in enumerate(tqdm(prompts, desc="generate + judge", mininterval=5)):
         generator = torch.Generator().manual_seed(args.seed * 100003 + index)
         common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
-                      num_images_per_prompt=args.images_per_prompt, output_type="np", height=64, width=64)
+                      num_images_per_prompt=args.images_per_prompt, output_type="np", height=size, width=size)
         if with_masks:
             out = pipe(prompt, class_names=[s for _, s in objects], threshold="otsu", **common)
             masks = out.masks
@@ -156,8 +156,8 @@ def main() -> int:
         if not n:
             continue
         values = [rate(selected, key)[0] for key in ("colors", "shapes", "no_extra", "faithful", "shuffled")]
-        ratio = values[3] / values[4] if values[4] else float("inf")
-        print(f"{name:<10}{n:>5}" + "".join(f"{v:>10.1%}" for v in values) + f"{ratio:>8.2f}")
+        ratio = f"{values[3] / values[4]:.2f}" if values[4] else "n/a"
+        print(f"{name:<10}{n:>5}" + "".join(f"{v:>10.1%}" for v in values) + f"{ratio:>8}")
     fidelity = rate(rows, "faithful")[0]
     print(f"prompt fidelity {fidelity:.1%} (bar {FIDELITY_BAR:.0%}): {'PASS' if fidelity >= FIDELITY_BAR else 'FAIL'}")
     if with_masks:

@@ -209,3 +209,19 @@ def test_shipped_model_loads_offline_and_generates():
     pipe.set_progress_bar_config(disable=True)
     images = _generate(pipe, 64)
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all() and images.std() > 0.01
+
+
+@pytest.mark.slow
+def test_training_script_under_accelerate_launch_with_two_processes(tmp_path):
+    import subprocess
+    import sys
+
+    export = tmp_path / "export"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffuseg.shapesworld.train",
+               "--preset", "micro", "--output-dir", str(tmp_path / "run"), "--export-dir", str(export), "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((export / "training_state.json").read_text())["state"]["step"] == 4
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert sum(r.get("event") == "start" for r in logged) == 1  # only the main process logs
