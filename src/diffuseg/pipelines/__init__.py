@@ -1,5 +1,13 @@
 """The package's diffusion pipelines, all ``diffusers.DiffusionPipeline`` subclasses."""
 
 from diffuseg.pipelines.diffumask import DiffuMaskPipeline, DiffuMaskPipelineOutput
+from diffuseg.pipelines.freemask import FreeMaskEditOutput, FreeMaskEditPipeline, FreeMaskObject, InsertionRecord
 
-__all__ = ["DiffuMaskPipeline", "DiffuMaskPipelineOutput"]
+__all__ = [
+    "DiffuMaskPipeline",
+    "DiffuMaskPipelineOutput",
+    "FreeMaskEditOutput",
+    "FreeMaskEditPipeline",
+    "FreeMaskObject",
+    "InsertionRecord",
+]
