@@ -150,7 +150,8 @@ def main() -> int:
         "seen": [r for r in rows if not r["held_out"]],
     }
     print(f"\n{len(rows)} images in {seconds:.0f}s ({args.steps} DDIM steps, guidance {args.guidance})")
-    print(f"{'group':<10}{'n':>5}{'colours':>10}{'shapes':>10}{'no extra':>10}{'faithful':>10}{'shuffled':>10}{'ratio':>8}")
+    header = ("colours", "shapes", "no extra", "faithful", "shuffled")
+    print(f"{'group':<10}{'n':>5}" + "".join(f"{h:>10}" for h in header) + f"{'ratio':>8}")
     for name, selected in groups.items():
         n = len(selected)
         if not n:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,7 +200,7 @@ def test_shipped_model_loads_offline_and_generates():
 
     folder = EMBEDDED_MODELS["shapesworld"]
     if not (folder / "model_index.json").is_file():
-        pytest.skip(f"the ShapesWorld model has not been exported to {folder} yet (python -m diffuseg.shapesworld.train)")
+        pytest.skip(f"no ShapesWorld model exported to {folder} yet (python -m diffuseg.shapesworld.train)")
     total = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert total <= 25 * 2**20, f"the embedded model is {total / 2**20:.1f} MB (limit 25 MB)"
     assert not list(folder.rglob("*.bin"))
@@ -217,9 +216,11 @@ def test_training_script_under_accelerate_launch_with_two_processes(tmp_path):
     import sys
 
     export = tmp_path / "export"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "diffuseg.shapesworld.train",
-               "--preset", "micro", "--output-dir", str(tmp_path / "run"), "--export-dir", str(export), "--threads", "1"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    train = ["-m", "diffuseg.shapesworld.train", "--preset", "micro", "--output-dir", str(tmp_path / "run"),
+             "--export-dir", str(export), "--threads", "1"]
+    command = [*launch, *train]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((export / "training_state.json").read_text())["state"]["step"] == 4

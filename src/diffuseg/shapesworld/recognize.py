@@ -92,7 +92,9 @@ def _fit_iou(template: np.ndarray, mask: np.ndarray, hidden: np.ndarray) -> floa
     return inter / union if union else 0.0
 
 
-def fit_shape(shape: str, mask: np.ndarray, hidden: np.ndarray | None = None, angles: int = 4) -> tuple[float, ShapeSpec]:
+def fit_shape(
+    shape: str, mask: np.ndarray, hidden: np.ndarray | None = None, angles: int = 4
+) -> tuple[float, ShapeSpec]:
     """Best IoU of ``shape`` against ``mask`` and the fitted geometry.
 
     Template pixels in ``hidden`` (other objects, which may cover this one) cost only
@@ -134,7 +136,7 @@ def fit_shape(shape: str, mask: np.ndarray, hidden: np.ndarray | None = None, an
             steps = steps / 2
         if current > best_iou:
             best_iou = current
-            best = ShapeSpec(shape, "", (0, 0, 0), float(params[0]), float(params[1]), float(params[2]), float(params[3]))
+            best = ShapeSpec(shape, "", (0, 0, 0), *(float(v) for v in params))
     return best_iou, best
 
 
@@ -153,7 +155,8 @@ def recognize(
         for shape in shapes:
             scores[shape], fits[shape] = fit_shape(shape, mask, hidden)
         shape = max(scores, key=scores.get)
-        fit = ShapeSpec(shape, color, COLORS[color], fits[shape].cx, fits[shape].cy, fits[shape].radius, fits[shape].angle)
+        best = fits[shape]
+        fit = ShapeSpec(shape, color, COLORS[color], best.cx, best.cy, best.radius, best.angle)
         detections.append(Detection(color, shape, scores[shape], mask, scores, fit))
     return detections
 
@@ -171,4 +174,5 @@ def prompt_fidelity(
     colors_ok = all(c in found for c, _ in prompted)
     shapes_ok = all(found.get(c) == s for c, s in prompted)
     no_extra = set(found) <= {c for c, _ in prompted}
-    return {"colors": colors_ok, "shapes": shapes_ok, "no_extra": no_extra, "faithful": colors_ok and shapes_ok and no_extra}
+    faithful = colors_ok and shapes_ok and no_extra
+    return {"colors": colors_ok, "shapes": shapes_ok, "no_extra": no_extra, "faithful": faithful}
