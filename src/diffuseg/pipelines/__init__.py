@@ -1,6 +1,7 @@
 """The package's diffusion pipelines, all ``diffusers.DiffusionPipeline`` subclasses."""
 
 from diffuseg.pipelines.diffumask import DiffuMaskPipeline, DiffuMaskPipelineOutput
+from diffuseg.pipelines.maskdiffusion import MaskDiffusionSegOutput, MaskDiffusionSegPipeline
 from diffuseg.pipelines.freemask import FreeMaskEditOutput, FreeMaskEditPipeline, FreeMaskObject, InsertionRecord
 
 __all__ = [
@@ -10,4 +11,6 @@ __all__ = [
     "FreeMaskEditPipeline",
     "FreeMaskObject",
     "InsertionRecord",
+    "MaskDiffusionSegOutput",
+    "MaskDiffusionSegPipeline",
 ]
