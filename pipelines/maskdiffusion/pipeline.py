@@ -6,6 +6,9 @@ The implementation lives in the installed ``diffuseg`` package (``pip install di
 this file exposes its one pipeline class to diffusers' custom-pipeline loader.
 """
 
+from diffuseg.pipelines.community import expose_only
 from diffuseg.pipelines.maskdiffusion import MaskDiffusionSegPipeline
+
+expose_only(globals(), MaskDiffusionSegPipeline)
 
 __all__ = ["MaskDiffusionSegPipeline"]
