@@ -92,3 +92,110 @@ def token_weights(
             positions = word_token_positions(tokenizer, prompt, word, max_length)
             weights[b, positions, c] = 1.0 / len(positions)
     return weights.repeat_interleave(num_images_per_prompt, dim=0)
+
+
+def _merged_spans(prompt: str, words: Sequence[str]) -> list[tuple[int, int]]:
+    """Character spans of every occurrence of ``words``, overlapping ones merged, in order."""
+    spans = []
+    for word in words:
+        found = find_word_spans(prompt, word)
+        if not found:
+            raise ClassWordNotFoundError(
+                f"class word {word!r} does not appear in the prompt {prompt!r} "
+                "(matching is whole-word and case-insensitive: write the word as it appears in the prompt)"
+            )
+        spans.extend(found)
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start < merged[-1][1]:  # "red car" and "car": replace the text once
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _replace(prompt: str, words: Sequence[str], replacement: str) -> tuple[str, list[tuple[int, int, int, int]]]:
+    """The new prompt and, per replaced span, ``(source_start, source_end, target_start, target_end)``."""
+    if not words:
+        raise ValueError("no class words to replace: give at least one")
+    for word in words:
+        if find_word_spans(replacement, word):
+            raise ValueError(
+                f"the replacement {replacement!r} contains the class word {word!r}, so the new prompt would still "
+                "name it; choose a replacement without the class words (e.g. 'nothing' or 'empty ground')"
+            )
+    pieces, edits, cursor, length = [], [], 0, 0
+    for start, end in _merged_spans(prompt, words):
+        pieces.append(prompt[cursor:start])
+        length += start - cursor
+        pieces.append(replacement)
+        edits.append((start, end, length, length + len(replacement)))
+        length += len(replacement)
+        cursor = end
+    pieces.append(prompt[cursor:])
+    return "".join(pieces), edits
+
+
+def replace_words(prompt: str, words: Sequence[str], replacement: str) -> str:
+    """``prompt`` with every occurrence of each of ``words`` replaced by ``replacement``.
+
+    Occurrences are found as :func:`find_word_spans` finds them (whole words,
+    case-insensitive); overlapping ones ("red car" and "car") are replaced once.
+
+    Raises:
+        ClassWordNotFoundError: a word is not in ``prompt``.
+        ValueError: ``replacement`` itself contains one of ``words`` (the words would not be gone).
+    """
+    return _replace(prompt, words, replacement)[0]
+
+
+def replacement_token_alignment(
+    tokenizer, prompt: str, words: Sequence[str], replacement: str, max_length: int | None = None
+) -> torch.Tensor:
+    """Which token of the encoded ``prompt`` each token of the encoded :func:`replace_words` prompt stands for.
+
+    Both prompts are encoded as Stable Diffusion pipelines encode them (begin token,
+    truncation, padding to ``max_length``, default ``tokenizer.model_max_length``). Text
+    outside the replaced words is the same in both, so its tokens are matched through
+    character offsets, whatever the replacement does to token counts; the end tokens match,
+    and padding matches padding counted from the end token.
+
+    Returns:
+        ``LongTensor (max_length,)``: entry ``j`` is the position in the encoded ``prompt`` of
+        the new prompt's token ``j``, or -1 for tokens of the replacement and tokens with no
+        counterpart (cut by truncation, or padding past the end).
+    """
+    max_length = max_length or tokenizer.model_max_length
+    target, edits = _replace(prompt, words, replacement)
+
+    def encode(text: str):
+        return tokenizer(
+            text,
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            return_offsets_mapping=True,
+            verbose=False,
+        )
+
+    source_encoding, target_encoding = encode(prompt), encode(target)
+    source_length = sum(source_encoding["attention_mask"])
+    target_length = sum(target_encoding["attention_mask"])
+    source_positions = {
+        (start, end): index
+        for index, (start, end) in enumerate(source_encoding["offset_mapping"][: source_length - 1])
+        if end > start
+    }
+
+    alignment = torch.full((max_length,), -1, dtype=torch.long)
+    alignment[0] = 0
+    alignment[target_length - 1] = source_length - 1
+    for j, (start, end) in enumerate(target_encoding["offset_mapping"][1 : target_length - 1], start=1):
+        if any(start < t_end and end > t_start for _, _, t_start, t_end in edits) or end <= start:
+            continue  # a token of the replacement: no counterpart
+        # Unchanged text sits shifted by how much longer the replaced words were than their replacements.
+        shift = sum((s_end - s_start) - (t_end - t_start) for s_start, s_end, t_start, t_end in edits if t_end <= start)
+        alignment[j] = source_positions.get((start + shift, end + shift), -1)
+    padding = torch.arange(target_length, max_length) - target_length + source_length
+    alignment[target_length:] = torch.where(padding < max_length, padding, torch.full_like(padding, -1))
+    return alignment

@@ -1,10 +1,14 @@
 """The package's diffusion pipelines, all ``diffusers.DiffusionPipeline`` subclasses."""
 
+from diffuseg.pipelines.counterfactual import CounterfactualAttention, CounterfactualOutput, CounterfactualPipeline
 from diffuseg.pipelines.diffumask import DiffuMaskPipeline, DiffuMaskPipelineOutput
 from diffuseg.pipelines.maskdiffusion import MaskDiffusionSegOutput, MaskDiffusionSegPipeline
 from diffuseg.pipelines.freemask import FreeMaskEditOutput, FreeMaskEditPipeline, FreeMaskObject, InsertionRecord
 
 __all__ = [
+    "CounterfactualAttention",
+    "CounterfactualOutput",
+    "CounterfactualPipeline",
     "DiffuMaskPipeline",
     "DiffuMaskPipelineOutput",
     "FreeMaskEditOutput",

@@ -1,0 +1,14 @@
+"""MagicSeg-style counterfactual pairs as a diffusers community pipeline.
+
+    DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/counterfactual", trust_remote_code=True)
+
+The implementation lives in the installed ``diffuseg`` package (``pip install diffuseg``);
+this file exposes its one pipeline class to diffusers' custom-pipeline loader.
+"""
+
+from diffuseg.pipelines.community import expose_only
+from diffuseg.pipelines.counterfactual import CounterfactualPipeline
+
+expose_only(globals(), CounterfactualPipeline)
+
+__all__ = ["CounterfactualPipeline"]

@@ -1,0 +1,529 @@
+"""Counterfactual pairs: an image with its mask, and the same scene without the object.
+
+After MagicSeg (Cai et al., "MagicSeg: Open-World Segmentation Pretraining via
+Counterfactual Diffusion-Based Auto-Generation"), which pairs each positive image with a
+negative one generated from the same description with the class words replaced by
+"nothing" -- there from an unrelated seed, so the two scenes have nothing in common.
+Here both images come out of one denoising loop from the same initial latents, and for
+the first steps the counterfactual reuses the positive's attention in the manner of
+prompt-to-prompt (Hertz et al., 2022): its self-attention, and its cross-attention for
+every token except the replaced words. The scene stays, only the object goes, and the
+per-pixel difference between the two images becomes a second mask signal next to the
+positive's class-word cross-attention (DiffuMask's signal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from diffuseg.attention import AttentionStore, Size, attention_control
+from diffuseg.masks import (
+    aggregate_resolutions,
+    label_map,
+    normalize_max,
+    refine_with_self_attention,
+    thresholds,
+    upsample,
+)
+from diffuseg.pipelines.diffumask import MAX_SELF_ATTENTION_TOKENS, DiffuMaskPipeline, self_attention_height
+from diffuseg.tokens import replace_words, replacement_token_alignment, token_weights
+
+DIFFERENCE_SOURCES = ("image", "latent")
+FUSIONS = ("geometric", "mean")
+
+
+@dataclass
+class CounterfactualOutput(BaseOutput):
+    """Output of :class:`CounterfactualPipeline`.
+
+    Attributes:
+        images: the positive images, as ``output_type`` asks (list of PIL, ``(B, H, W, 3)`` array, ...).
+        negative_images: the counterfactual images, same scene without the class words' objects,
+            in the same order and format as ``images``.
+        masks: label maps ``(B, H, W)`` from the fused signals: 0 background, ``k`` the k-th class
+            word of the image's prompt, 255 ignore. PIL mode "L" images for ``output_type="pil"``,
+            else a ``uint8`` array (a tensor for ``"pt"``).
+        difference_maps: ``(B, H, W)`` in [0, 1]: where the counterfactual differs from the positive.
+        agreement: ``(B,)`` IoU between the foreground of the attention maps and that of the
+            difference map, each thresholded on its own; low values flag doubtful samples.
+        attention_maps: ``(B, C, H, W)`` in [0, 1]: the positive's class-word cross-attention
+            (zeros for the padding of prompts with fewer words).
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    negative_images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    masks: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    difference_maps: np.ndarray | torch.Tensor
+    agreement: np.ndarray | torch.Tensor
+    attention_maps: np.ndarray | torch.Tensor
+
+
+class CounterfactualAttention(AttentionStore):
+    """Records the positives' class-word attention and injects the positives' attention into the counterfactuals.
+
+    The UNet batch is ``[positives, counterfactuals]``, each ``images`` long, and under
+    classifier-free guidance ``[unconditional: positives, counterfactuals, conditional: positives,
+    counterfactuals]``. Recording (the :class:`AttentionStore` part) sees the conditional
+    positives only. Injection replaces the counterfactuals' probabilities, in both guidance
+    halves, by the positives':
+
+    * self-attention, entirely, at the heights in ``self_attention_resolutions``;
+    * cross-attention, for every token of the counterfactual prompt that stands for a token of
+      the positive prompt (``token_alignment``); the tokens of the replacement keep their own
+      attention, and each row is renormalised to sum to one. The unconditional halves read the
+      same (negative) prompt, so there every token is copied.
+
+    Args:
+        token_weights: ``(images, tokens, words)`` of the positive prompts, for recording.
+        token_alignment: ``(images, tokens)``: for each counterfactual token, the positive token
+            it copies attention from, -1 for none (see :func:`diffuseg.tokens.replacement_token_alignment`).
+        self_attention_steps: injects self-attention in UNet evaluations ``[0, self_attention_steps)``.
+        cross_attention_steps: injects cross-attention in UNet evaluations ``[0, cross_attention_steps)``.
+        self_attention_resolutions: heights of the self-attention maps to inject; ``None``: every
+            level coarser than the finest (the latent's own size) with at most
+            ``MAX_SELF_ATTENTION_TOKENS`` (32²) positions. Explicit self-attention costs
+            ``O(positions²)``: the finest level alone costs 16× the next one.
+        resolutions, steps, self_attention_resolution: recording, as in :class:`AttentionStore`.
+    """
+
+    def __init__(
+        self,
+        token_weights: torch.Tensor,
+        token_alignment: torch.Tensor,
+        self_attention_steps: int,
+        cross_attention_steps: int,
+        self_attention_resolutions: Iterable[int] | None = None,
+        resolutions: Iterable[int] | None = None,
+        steps: tuple[int, int] | None = None,
+        self_attention_resolution: int | None = None,
+    ) -> None:
+        super().__init__(token_weights, resolutions, steps, self_attention_resolution)
+        if token_alignment.shape[:1] != token_weights.shape[:1]:
+            raise ValueError(
+                f"token_alignment is for {token_alignment.shape[0]} images, token_weights for {token_weights.shape[0]}"
+            )
+        self.token_alignment = token_alignment
+        self.self_attention_steps = self_attention_steps
+        self.cross_attention_steps = cross_attention_steps
+        self.self_attention_resolutions = (
+            None if self_attention_resolutions is None else frozenset(int(r) for r in self_attention_resolutions)
+        )
+
+    def injects(self, kind: str, size: Size) -> bool:
+        """Whether the ``kind`` layer at ``size`` gets the positives' attention at the current step."""
+        if kind == "cross":
+            return self.step < self.cross_attention_steps
+        if self.step >= self.self_attention_steps:
+            return False
+        if self.self_attention_resolutions is None:
+            return size != self.latent_size and size[0] * size[1] <= MAX_SELF_ATTENTION_TOKENS
+        return size[0] in self.self_attention_resolutions
+
+    def wants(self, kind: str, size: Size) -> bool:
+        return super().wants(kind, size) or self.injects(kind, size)
+
+    def __call__(self, kind: str, size: Size, probs: torch.Tensor) -> torch.Tensor | None:
+        images = self.num_images
+        if probs.shape[0] not in (2 * images, 4 * images):
+            raise ValueError(
+                f"the UNet batch ({probs.shape[0]}) is not [positives, counterfactuals] of {images} images each "
+                "(nor twice that under classifier-free guidance)"
+            )
+        # (guidance halves, [positive, counterfactual], images, heads, queries, keys)
+        pairs = probs.view(-1, 2, images, *probs.shape[1:])
+        if super().wants(kind, size):
+            super().__call__(kind, size, pairs[-1, 0])
+        if not self.injects(kind, size):
+            return None
+        positive, counterfactual = pairs[:, 0], pairs[:, 1]
+        if kind == "self":
+            injected = positive
+        else:
+            injected = torch.cat([positive[:-1], self.copy_aligned_tokens(positive[-1], counterfactual[-1])[None]])
+        return torch.stack([positive, injected], dim=1).reshape(probs.shape)
+
+    def copy_aligned_tokens(self, positive: torch.Tensor, counterfactual: torch.Tensor) -> torch.Tensor:
+        """Counterfactual cross-attention ``(images, heads, queries, tokens)``, aligned tokens from the positive."""
+        alignment = self.token_alignment.to(positive.device)[:, None, None, :]
+        copied = positive.gather(-1, alignment.clamp_min(0).expand_as(counterfactual))
+        mixed = torch.where(alignment >= 0, copied, counterfactual)
+        # Copied rows lose the class words' share and gain the replacement's: keep them distributions.
+        return mixed / mixed.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class CounterfactualPipeline(StableDiffusionPipeline):
+    """Stable Diffusion that returns each image with its mask and a counterfactual without the object.
+
+    Loads from any Stable Diffusion checkpoint, e.g.
+    ``CounterfactualPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")``,
+    or with ``DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/counterfactual",
+    trust_remote_code=True)``.
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = None,
+        class_names: Sequence[str] | Sequence[Sequence[str]] = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        replacement: str = "nothing",
+        self_attention_fraction: float = 0.4,
+        cross_attention_fraction: float = 0.8,
+        self_attention_resolutions: Sequence[int] | None = None,
+        difference_source: str = "image",
+        fusion: str = "geometric",
+        difference_weight: float = 0.5,
+        resolutions: Sequence[int] | None = None,
+        attention_steps: tuple[float, float] = (0.0, 1.0),
+        threshold: str | float = "otsu",
+        ignore_band: float = 0.0,
+        refine: bool = False,
+        refine_iterations: int = 1,
+        min_component_area: int = 0,
+        **kwargs: Any,
+    ) -> CounterfactualOutput | tuple:
+        r"""Generate positive images with masks, and their counterfactuals without the class words' objects.
+
+        Args:
+            prompt: the prompt or prompts (e.g. descriptions naming one or two classes); each must
+                contain its class words.
+            class_names: class words, the same for every prompt, or one list per prompt. Mask value
+                ``k`` is the k-th word of the image's list. All of them are replaced in the
+                counterfactual prompt, every occurrence.
+            height, width: image size, multiples of 8 (default: the model's native size).
+            num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt, eta,
+            generator, latents, output_type, return_dict, callback_on_step_end,
+            callback_on_step_end_tensor_inputs: as in ``StableDiffusionPipeline``; other keyword
+                arguments are passed through to it. ``latents`` and ``generator`` give the initial
+                noise of the positives, which the counterfactuals share. A step-end callback sees
+                the doubled batch ``[positives, counterfactuals]``.
+            replacement: what the class words become in the counterfactual prompt ("nothing", as
+                in MagicSeg, or a background phrase such as "empty grass"); must not contain them.
+            self_attention_fraction: fraction of the first denoising steps in which the
+                counterfactual reuses the positive's self-attention (the layout).
+            cross_attention_fraction: fraction of the first steps in which it reuses the positive's
+                cross-attention for every token but the replaced ones. 0 and 0: no injection
+                (only the initial noise is shared).
+            self_attention_resolutions: heights of the self-attention maps injected; ``None``: every
+                level but the finest with at most 32² positions -- 32², 16², 8² for SD at 512²
+                (prompt-to-prompt's choice; the finest, 64², would cost 16× the 32² level), 8² for
+                16² latents (ShapesWorld, the tiny test models). Add the finest level for a
+                slightly closer counterfactual at several times the cost on CPU.
+            difference_source: ``"image"``: channel-mean absolute difference of the decoded images;
+                ``"latent"``: of the final latents, upsampled (smoother, cheaper).
+            fusion: how the difference map joins each class's attention map: ``"geometric"``
+                (``attention^(1-w) · difference^w``, a pixel needs both signals) or ``"mean"``
+                (``(1-w)·attention + w·difference``).
+            difference_weight: ``w`` above, in [0, 1]; 0 gives DiffuMask's attention-only masks.
+            resolutions: heights of the cross-attention maps aggregated into the attention signal
+                (``None``: all).
+            attention_steps: ``(start, end)`` fractions of the denoising steps whose attention is
+                averaged into the attention signal.
+            threshold: ``"otsu"``, ``"adaptive"`` (DiffuMask's search in 0.45–0.53), or a number;
+                used for the fused masks and for both signals of ``agreement``.
+            ignore_band, refine, refine_iterations, min_component_area: mask post-processing, as in
+                :class:`~diffuseg.pipelines.DiffuMaskPipeline`.
+
+        Returns:
+            :class:`CounterfactualOutput`, or ``(images, negative_images, masks, difference_maps,
+            agreement, attention_maps)`` when ``return_dict`` is False.
+        """
+        if "prompt_embeds" in kwargs:
+            raise ValueError(
+                "CounterfactualPipeline needs the prompt as text to replace the class words; pass `prompt`"
+            )
+        if prompt is None:
+            raise ValueError("`prompt` is required")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        words = DiffuMaskPipeline.check_class_names(prompts, class_names)
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        self.check_counterfactual_inputs(
+            height,
+            width,
+            self_attention_fraction,
+            cross_attention_fraction,
+            difference_source,
+            fusion,
+            difference_weight,
+            attention_steps,
+            threshold,
+        )
+        counterfactual_prompts = [replace_words(p, w, replacement) for p, w in zip(prompts, words)]
+        images_per_half = len(prompts) * num_images_per_prompt
+
+        # 1. Where the positives' class words are, and which counterfactual token stands for which positive token.
+        weights = token_weights(self.tokenizer, prompts, words, num_images_per_prompt)
+        alignment = torch.stack(
+            [replacement_token_alignment(self.tokenizer, p, w, replacement) for p, w in zip(prompts, words)]
+        ).repeat_interleave(num_images_per_prompt, dim=0)
+        first_step = round(attention_steps[0] * num_inference_steps)
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        controller = CounterfactualAttention(
+            weights,
+            alignment,
+            self_attention_steps=round(self_attention_fraction * num_inference_steps),
+            cross_attention_steps=round(cross_attention_fraction * num_inference_steps),
+            self_attention_resolutions=self_attention_resolutions,
+            resolutions=resolutions,
+            steps=(first_step, max(first_step + 1, round(attention_steps[1] * num_inference_steps))),
+            self_attention_resolution=self_attention_height(latent_size) if refine else None,
+        )
+
+        # 2. One denoising loop over [positives, counterfactuals] from the same initial noise.
+        noise = self.initial_noise(images_per_half, height, width, generator, latents)
+        doubled_generator = generator * 2 if isinstance(generator, list) else generator
+        with attention_control(self.unet, controller):
+            final_latents = super().__call__(
+                prompt=prompts + counterfactual_prompts,
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                negative_prompt=negative_prompt * 2 if isinstance(negative_prompt, list) else negative_prompt,
+                num_images_per_prompt=num_images_per_prompt,
+                eta=eta,
+                generator=doubled_generator,
+                latents=torch.cat([noise, noise]),
+                output_type="latent",
+                return_dict=True,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs or ["latents"],
+                **kwargs,
+            ).images
+        needs_pixels = output_type != "latent" or difference_source == "image"
+        pixels = self.decode_to_pixels(final_latents, doubled_generator) if needs_pixels else None
+
+        # 3. Two mask signals: the positives' class-word attention, and where the pair differs.
+        attention = aggregate_resolutions(list(controller.cross_attention().values()), (height, width))
+        if refine:
+            if controller.self_attention() is None:
+                raise ValueError(
+                    f"refine=True needs self-attention at height {self_attention_height(latent_size)}, "
+                    "and this UNet has none there; use refine=False"
+                )
+            attention = refine_with_self_attention(
+                attention, controller.self_attention(), controller.self_size, refine_iterations
+            )
+        if difference_source == "image":
+            positive, negative = pixels.float().chunk(2)
+            difference = (positive - negative).abs().mean(dim=1)
+        else:
+            positive, negative = final_latents.float().chunk(2)
+            difference = upsample((positive - negative).abs().mean(dim=1), (height, width))
+        difference = normalize_max(difference.to(attention.device))
+
+        # 4. Fuse, threshold into label maps, and measure how well the two signals agree.
+        fused = fuse_signals(attention, difference, fusion, difference_weight)
+        words_per_image = [len(w) for w in words for _ in range(num_images_per_prompt)]
+        masks = label_maps(fused, threshold, ignore_band, min_component_area, words_per_image)
+        agreement = signal_agreement(attention, difference, threshold, words_per_image)
+
+        self.maybe_free_model_hooks()
+        if output_type == "latent":
+            images, negative_images = final_latents.chunk(2)
+        else:
+            denormalized = [False] * images_per_half  # decode_to_pixels already maps to [0, 1]
+            images, negative_images = (
+                self.image_processor.postprocess(half, output_type=output_type, do_denormalize=denormalized)
+                for half in pixels.chunk(2)
+            )
+        if output_type == "pil":
+            masks = [PIL.Image.fromarray(mask, mode="L") for mask in masks]
+        if output_type == "pt":
+            masks = torch.from_numpy(masks)
+        else:
+            difference, agreement, attention = (
+                t.cpu().numpy().astype(np.float32) for t in (difference, agreement, attention)
+            )
+        if not return_dict:
+            return images, negative_images, masks, difference, agreement, attention
+        return CounterfactualOutput(
+            images=images,
+            negative_images=negative_images,
+            masks=masks,
+            difference_maps=difference,
+            agreement=agreement,
+            attention_maps=attention,
+        )
+
+    @staticmethod
+    def check_counterfactual_inputs(
+        height: int,
+        width: int,
+        self_attention_fraction: float,
+        cross_attention_fraction: float,
+        difference_source: str,
+        fusion: str,
+        difference_weight: float,
+        attention_steps: tuple[float, float],
+        threshold: str | float,
+    ) -> None:
+        """Fail before generating anything on arguments that would fail (or mean nothing) later."""
+        if height % 8 or width % 8:
+            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        for name, value in (
+            ("self_attention_fraction", self_attention_fraction),
+            ("cross_attention_fraction", cross_attention_fraction),
+            ("difference_weight", difference_weight),
+        ):
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if difference_source not in DIFFERENCE_SOURCES:
+            raise ValueError(f"difference_source must be one of {DIFFERENCE_SOURCES}, got {difference_source!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        if not 0.0 <= attention_steps[0] < attention_steps[1] <= 1.0:
+            raise ValueError(f"attention_steps must satisfy 0 <= start < end <= 1, got {attention_steps}")
+        thresholds(torch.zeros(1, 1, 1), threshold)  # raises on an unknown method
+
+    def initial_noise(
+        self,
+        images: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The positives' initial latents (unscaled, as ``latents`` is passed): drawn as Stable Diffusion draws them."""
+        shape = (images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(
+                    f"latents must have shape {shape} (one per positive image), got {tuple(latents.shape)}"
+                )
+            return latents
+        if isinstance(generator, list) and len(generator) != images:
+            raise ValueError(f"got {len(generator)} generators for {images} images; give one per image, or one in all")
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
+
+    def decode_to_pixels(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
+        """Decoded images ``(B, 3, H, W)`` in [0, 1], through the safety checker as in ``StableDiffusionPipeline``."""
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False, generator=generator)[0]
+        image, nsfw = self.run_safety_checker(image, self._execution_device, latents.dtype)
+        denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
+        return self.image_processor.postprocess(image, output_type="pt", do_denormalize=denormalize)
+
+
+def fuse_signals(attention: torch.Tensor, difference: torch.Tensor, fusion: str, weight: float) -> torch.Tensor:
+    """Each class map of ``attention (B, C, H, W)`` joined with ``difference (B, H, W)``, both in [0, 1].
+
+    Not renormalised: the classes keep their relative strengths, which decide overlaps.
+    """
+    difference = difference[:, None]
+    if fusion == "geometric":
+        fused = attention.clamp_min(0) ** (1 - weight) * difference.clamp_min(0) ** weight
+    elif fusion == "mean":
+        fused = (1 - weight) * attention + weight * difference
+    else:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    return fused
+
+
+def label_maps(
+    maps: torch.Tensor, threshold: str | float, ignore_band: float, min_area: int, classes_per_image: Sequence[int]
+) -> np.ndarray:
+    """``uint8 (B, H, W)`` label maps of ``(B, C, H, W)`` class maps; image ``i`` uses ``classes_per_image[i]`` maps."""
+    cutoffs = thresholds(maps, threshold)
+    return np.stack(
+        [
+            label_map(maps[i], cutoffs[i], ignore_band, min_area, num_classes=classes_per_image[i])
+            for i in range(maps.shape[0])
+        ]
+    )
+
+
+def signal_agreement(
+    attention: torch.Tensor, difference: torch.Tensor, threshold: str | float, classes_per_image: Sequence[int]
+) -> torch.Tensor:
+    """``(B,)`` IoU of the attention foreground (any class above its threshold) and the difference foreground.
+
+    1 where both are empty: the signals agree that there is nothing.
+    """
+    attention_cutoffs = thresholds(attention, threshold)[..., None, None]
+    difference_cutoffs = thresholds(difference, threshold)[..., None, None]
+    scores = []
+    for i, classes in enumerate(classes_per_image):
+        from_attention = (attention[i, :classes] > attention_cutoffs[i, :classes]).any(dim=0)
+        from_difference = difference[i] > difference_cutoffs[i]
+        union = (from_attention | from_difference).sum()
+        intersection = (from_attention & from_difference).sum()
+        scores.append(intersection / union if union > 0 else torch.tensor(1.0))
+    return torch.stack(scores).float()
+
+
+# =====================================================================================
+# `diffuseg generate --pipeline counterfactual` (the registry imports this module on demand)
+
+
+def load_for_generation(config, device, dtype) -> CounterfactualPipeline:
+    """The registry's loader: ``config.model`` as a :class:`CounterfactualPipeline`, safetensors only."""
+    from diffuseg.models import load_pipeline
+
+    pipe = load_pipeline(CounterfactualPipeline, config.model, torch_dtype=dtype, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate_samples(pipe: CounterfactualPipeline, requests, config) -> list[dict]:
+    """The registry's sampler: image, label (dataset ids) and ``negative_image`` for each request.
+
+    Counterfactual settings (replacement "nothing", injection fractions, fusion) are the
+    pipeline's defaults.
+    """
+    from diffuseg.generation import remap_label, to_uint8
+
+    out = pipe(
+        [r.prompt for r in requests],
+        class_names=[r.words for r in requests],
+        height=config.height,
+        width=config.width,
+        num_inference_steps=config.num_inference_steps,
+        guidance_scale=config.guidance_scale,
+        negative_prompt=config.negative_prompt,
+        # CPU generators: the same latents on any device, so a sample's seed regenerates it anywhere.
+        generator=[torch.Generator().manual_seed(r.seed) for r in requests],
+        output_type="np",
+        resolutions=config.resolutions,
+        threshold=config.threshold,
+        ignore_band=config.ignore_band,
+        refine=config.refine,
+        min_component_area=config.min_component_area,
+    )
+    return [
+        {"image": image, "negative_image": negative, "label": remap_label(mask, r.class_ids)}
+        for image, negative, mask, r in zip(to_uint8(out.images), to_uint8(out.negative_images), out.masks, requests)
+    ]
+
+
+def _register_with_generate() -> None:
+    from diffuseg.generation import PipelineSpec, register_pipeline
+
+    register_pipeline(
+        PipelineSpec("counterfactual", load_for_generation, generate_samples, extra_image_columns=("negative_image",))
+    )
+
+
+_register_with_generate()

@@ -1,0 +1,290 @@
+"""CounterfactualPipeline on tiny offline models: injection makes the pair closer, the positives
+are plain Stable Diffusion, token alignment, batching, determinism, loading, dataset, errors."""
+
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from diffuseg.pipelines import CounterfactualAttention, CounterfactualOutput, CounterfactualPipeline, DiffuMaskPipeline
+from diffuseg.testing import build_clip_tokenizer, save_tiny_stable_diffusion, tiny_stable_diffusion
+from diffuseg.tokens import ClassWordNotFoundError, find_word_spans, replace_words, replacement_token_alignment
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(num_inference_steps=2, height=32, width=32)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_stable_diffusion(pipeline_class=CounterfactualPipeline, seed=0)
+
+
+def generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def outside_difference(out, i):
+    """Mean absolute difference between positive and counterfactual over the background of the mask."""
+    outside = out.masks[i] == 0
+    return float(np.abs(out.images[i] - out.negative_images[i])[outside].mean())
+
+
+# ----------------------------------------------------------------------------- the point of the pipeline
+def test_injection_brings_the_counterfactual_closer_outside_the_mask():
+    # Freshly initialised attention is nearly uniform, so copying it would change little; larger
+    # query weights make it content-dependent, as a trained model's is.
+    sharp = tiny_stable_diffusion(pipeline_class=CounterfactualPipeline, seed=0)
+    with torch.no_grad():
+        for name, module in sharp.unet.named_modules():
+            if name.endswith("to_q"):
+                module.weight.mul_(8)
+    prompts = ["a photo of a dog on the grass", "a cat in the room", "a red car on the road", "a bird in the sky"]
+    names = [["dog"], ["cat"], ["car"], ["bird"]]
+
+    def run(seeds, **kwargs):
+        # difference_weight=0: attention-only masks, the same in every run (the positives are).
+        return sharp(prompts, class_names=names, generator=[generator(s) for s in seeds], output_type="np",
+                     num_inference_steps=4, height=32, width=32, difference_weight=0, **kwargs)
+
+    injected = run(range(4))  # default fractions
+    shared_noise_only = run(range(4), self_attention_fraction=0, cross_attention_fraction=0)
+    unrelated_seed = run(range(10, 14), self_attention_fraction=0, cross_attention_fraction=0)  # MagicSeg's pairing
+
+    np.testing.assert_allclose(injected.images, shared_noise_only.images, atol=1e-5)
+    np.testing.assert_array_equal(injected.masks, shared_noise_only.masks)
+    with_injection = [outside_difference(injected, i) for i in range(4)]
+    without = [outside_difference(shared_noise_only, i) for i in range(4)]
+    unrelated = []
+    for i in range(4):
+        outside = injected.masks[i] == 0
+        unrelated.append(float(np.abs(injected.images[i] - unrelated_seed.negative_images[i])[outside].mean()))
+    assert all(a < b for a, b in zip(with_injection, without)), (with_injection, without)
+    assert np.mean(with_injection) < 0.9 * np.mean(without), (with_injection, without)
+    assert np.mean(without) < np.mean(unrelated), (without, unrelated)
+
+
+def test_positives_are_plain_stable_diffusion_and_weight_zero_masks_are_diffumask(pipe):
+    out = pipe("a photo of a dog on the grass", class_names=["dog", "grass"], generator=generator(5),
+               output_type="np", difference_weight=0, **FAST)
+    plain = StableDiffusionPipeline(**pipe.components)
+    plain.set_progress_bar_config(disable=True)
+    reference = plain("a photo of a dog on the grass", generator=generator(5), output_type="np", **FAST)
+    np.testing.assert_allclose(out.images, reference.images, atol=1e-5)
+    diffumask = DiffuMaskPipeline(**pipe.components)
+    diffumask.set_progress_bar_config(disable=True)
+    expected = diffumask("a photo of a dog on the grass", class_names=["dog", "grass"], generator=generator(5),
+                         output_type="np", **FAST)
+    np.testing.assert_allclose(out.attention_maps, expected.attention_maps, atol=1e-4)
+    np.testing.assert_array_equal(out.masks, expected.masks)
+
+
+def test_without_injection_the_counterfactual_is_plain_sd_of_the_replaced_prompt(pipe):
+    # "zebra" is several tokens in the tiny vocabulary, and occurs twice; so is the replacement.
+    prompt, replaced = "a zebra and a dog near a zebra", "a empty ground and a dog near a empty ground"
+    kwargs = dict(output_type="np", **FAST)
+    out = pipe(prompt, class_names=["zebra"], replacement="empty ground", self_attention_fraction=0,
+               cross_attention_fraction=0, generator=generator(2), **kwargs)
+    plain = StableDiffusionPipeline(**pipe.components)
+    plain.set_progress_bar_config(disable=True)
+    np.testing.assert_allclose(out.negative_images, plain(replaced, generator=generator(2), **kwargs).images, atol=1e-5)
+    injected = pipe(prompt, class_names=["zebra"], replacement="empty ground", generator=generator(2), **kwargs)
+    np.testing.assert_allclose(injected.images, out.images, atol=1e-5)
+    assert not np.allclose(injected.negative_images, out.negative_images, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- token replacement and alignment
+def test_replacement_of_multi_token_repeated_and_overlapping_words():
+    tokenizer = build_clip_tokenizer()
+    assert replace_words("A Zebra and a dog and a zebra", ["zebra", "dog"], "nothing") == (
+        "A nothing and a nothing and a nothing"
+    )
+    assert replace_words("a red car, a car", ["red car", "car"], "nothing") == "a nothing, a nothing"
+    assert replace_words("a dog", ["dog"], "") == "a "
+
+    prompt, words, replacement = "a zebra on the grass and a zebra", ["zebra"], "empty ground"
+    new = replace_words(prompt, words, replacement)
+    alignment = replacement_token_alignment(tokenizer, prompt, words, replacement, max_length=40)
+    source = tokenizer(prompt, padding="max_length", max_length=40)["input_ids"]
+    target = tokenizer(new, padding="max_length", max_length=40)["input_ids"]
+    source_length, target_length = len(tokenizer(prompt)["input_ids"]), len(tokenizer(new)["input_ids"])
+    replacement_tokens = len(tokenizer("empty ground", add_special_tokens=False)["input_ids"])
+    assert len(tokenizer("zebra", add_special_tokens=False)["input_ids"]) > 1 and replacement_tokens > 1
+    new_tokens = [j for j in range(target_length) if alignment[j] < 0]
+    assert len(new_tokens) == 2 * replacement_tokens  # both occurrences, every token of the replacement
+    for j in range(40):
+        if alignment[j] >= 0 and j < target_length - 1:
+            assert target[j] == source[alignment[j]]  # unchanged text maps onto itself
+    assert alignment[0] == 0 and alignment[target_length - 1] == source_length - 1  # begin and end tokens
+    shift = source_length - target_length
+    assert alignment[target_length:].tolist() == [j + shift if j + shift < 40 else -1 for j in range(target_length, 40)]
+    # "on the grass and a" sits between the two occurrences, shifted by the first replacement.
+    grass = tokenizer.convert_tokens_to_ids("grass</w>")
+    assert source[int(alignment[target.index(grass)])] == grass
+
+
+def test_truncated_prompts_align_what_the_encoder_sees():
+    tokenizer = build_clip_tokenizer(model_max_length=8)
+    alignment = replacement_token_alignment(tokenizer, "a dog on the grass in the park", ["dog"], "zebra")
+    assert alignment.shape == (8,) and alignment[0] == 0 and alignment[7] == 7  # both truncated: ends match
+    assert (alignment[2:7] == -1).sum() >= 2  # the spelled-out "zebra" pushes "grass"… past the cut
+
+
+def test_controller_copies_attention_into_the_counterfactuals_only():
+    images, heads, queries, tokens = 2, 2, 4, 6
+    weights = torch.zeros(images, tokens, 1)
+    weights[:, 2, 0] = 1.0
+    alignment = torch.tensor([[0, 1, -1, 3, 4, 5], [0, 1, 2, -1, -1, 4]])
+    controller = CounterfactualAttention(weights, alignment, self_attention_steps=1, cross_attention_steps=2)
+    controller.step = 0
+    probs = torch.rand(4 * images, heads, queries, tokens).softmax(dim=-1)  # [uncond: +, -; cond: +, -]
+    assert controller.wants("cross", (2, 2)) and controller.wants("self", (2, 2))
+    out = controller("cross", (2, 2), probs.clone())
+    pairs, edited = probs.view(2, 2, images, heads, queries, tokens), out.view(2, 2, images, heads, queries, tokens)
+    torch.testing.assert_close(edited[:, 0], pairs[:, 0])  # positives untouched
+    torch.testing.assert_close(edited[0, 1], pairs[0, 0])  # same negative prompt: everything copied
+    torch.testing.assert_close(edited[1, 1].sum(-1), torch.ones(images, heads, queries))
+    own = edited[1, 1, 0]
+    expected = torch.cat([pairs[1, 0, 0][..., :2], pairs[1, 1, 0][..., 2:3], pairs[1, 0, 0][..., 3:]], dim=-1)
+    torch.testing.assert_close(own, expected / expected.sum(-1, keepdim=True))
+    shifted = torch.stack([pairs[1, 0, 1][..., i] for i in (0, 1, 2)] + [pairs[1, 1, 1][..., 3], pairs[1, 1, 1][..., 4],
+                                                                         pairs[1, 0, 1][..., 4]], dim=-1)
+    torch.testing.assert_close(edited[1, 1, 1], shifted / shifted.sum(-1, keepdim=True))
+    # Recording saw the conditional positives only.
+    recorded = controller.cross_attention()[(2, 2)]
+    torch.testing.assert_close(recorded[:, 0].flatten(1), pairs[1, 0].mean(1)[..., 2])
+    square = torch.rand(2 * images, heads, 4, 4).softmax(-1)  # no guidance: [+, -]
+    injected = controller("self", (2, 2), square).view(2, images, heads, 4, 4)
+    torch.testing.assert_close(injected[1], square.view(2, images, heads, 4, 4)[0])
+    controller.step = 1
+    assert controller("self", (2, 2), square) is None and not controller.injects("self", (2, 2))
+    controller.step = 2
+    assert controller("cross", (2, 2), probs) is None
+    with pytest.raises(ValueError, match="not \\[positives, counterfactuals\\]"):
+        controller("cross", (2, 2), probs[:3])
+
+
+# ----------------------------------------------------------------------------- outputs, batching, determinism
+def test_outputs_in_every_format(pipe):
+    out = pipe("a dog on the grass", class_names=["dog"], generator=generator(), output_type="np",
+               num_images_per_prompt=2, **FAST)
+    assert isinstance(out, CounterfactualOutput)
+    assert out.images.shape == out.negative_images.shape == (2, 32, 32, 3)
+    assert out.masks.shape == (2, 32, 32) and out.masks.dtype == np.uint8 and set(np.unique(out.masks)) <= {0, 1}
+    assert out.difference_maps.shape == (2, 32, 32) and np.allclose(out.difference_maps.max(axis=(1, 2)), 1)
+    assert out.difference_maps.min() >= 0 and out.attention_maps.shape == (2, 1, 32, 32)
+    assert out.agreement.shape == (2,) and ((0 <= out.agreement) & (out.agreement <= 1)).all()
+    assert not np.allclose(out.images, out.negative_images)
+
+    pil = pipe("a dog", class_names=["dog"], generator=generator(), **FAST)
+    assert isinstance(pil.images[0], PIL.Image.Image) and isinstance(pil.negative_images[0], PIL.Image.Image)
+    assert pil.masks[0].mode == "L" and pil.masks[0].size == (32, 32)
+    images, negatives, masks, difference, agreement, attention = pipe(
+        "a dog", class_names=["dog"], generator=generator(), output_type="pt", return_dict=False, **FAST
+    )
+    assert images.shape == negatives.shape == (1, 3, 32, 32) and masks.dtype == torch.uint8
+    assert difference.shape == (1, 32, 32) and agreement.shape == (1,) and attention.shape == (1, 1, 32, 32)
+    np.testing.assert_allclose(images.permute(0, 2, 3, 1).numpy(), np.asarray(pil.images[0])[None] / 255, atol=1 / 255)
+
+
+def test_one_loop_over_a_doubled_batch(pipe):
+    batches = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        pipe(["a dog", "a cat"], class_names=[["dog"], ["cat"]], generator=generator(),
+             num_images_per_prompt=2, output_type="latent", **FAST)
+        pipe("a dog", class_names=["dog"], generator=generator(), guidance_scale=1.0, output_type="latent", **FAST)
+    finally:
+        handle.remove()
+    assert batches == [16, 16, 2, 2]  # one UNet call per step: 4N under guidance, 2N without
+
+
+def test_batch_equals_one_by_one_and_is_deterministic(pipe):
+    prompts = ["a dog on the grass", "a red car and a tree"]
+    names = [["dog"], ["car", "tree"]]
+    batch = pipe(prompts, class_names=names, generator=[generator(1), generator(2)], output_type="np", **FAST)
+    again = pipe(prompts, class_names=names, generator=[generator(1), generator(2)], output_type="np", **FAST)
+    for field in ("images", "negative_images", "masks", "difference_maps", "agreement"):
+        np.testing.assert_array_equal(getattr(batch, field), getattr(again, field))
+    for i, (prompt, words) in enumerate(zip(prompts, names)):
+        single = pipe(prompt, class_names=words, generator=generator(i + 1), output_type="np", **FAST)
+        np.testing.assert_allclose(batch.images[i], single.images[0], atol=1e-5)
+        np.testing.assert_allclose(batch.negative_images[i], single.negative_images[0], atol=1e-5)
+        np.testing.assert_array_equal(batch.masks[i], single.masks[0])
+    other = pipe(prompts, class_names=names, generator=[generator(3), generator(4)], output_type="np", **FAST)
+    assert not np.allclose(other.negative_images, batch.negative_images)
+
+
+def test_options_and_sd2_shape(pipe):
+    out = pipe("a dog on the grass", class_names=["dog", "grass"], generator=generator(), output_type="np",
+               difference_source="latent", fusion="mean", difference_weight=0.3, refine=True, threshold="adaptive",
+               ignore_band=0.02, self_attention_resolutions=[8], replacement="empty ground", **FAST)
+    assert out.masks.shape == (1, 32, 32) and set(np.unique(out.masks)) <= {0, 1, 2, 255}
+    assert np.isfinite(out.difference_maps).all()
+    sd2 = tiny_stable_diffusion(pipeline_class=CounterfactualPipeline, shape="sd2", seed=0)
+    out = sd2("a photo of a cat", class_names=["cat"], generator=generator(), output_type="np", **FAST)
+    assert out.negative_images.shape == (1, 32, 32, 3) and np.isfinite(out.attention_maps).all()
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(class_names=["cat"]), ClassWordNotFoundError, "'cat' does not appear in the prompt"),
+        (dict(replacement="Dog"), ValueError, "replacement 'Dog' contains the class word 'dog'"),
+        (dict(replacement="a dog house"), ValueError, "contains the class word"),
+        (dict(self_attention_fraction=-0.1), ValueError, "self_attention_fraction must be a number in \\[0, 1\\]"),
+        (dict(cross_attention_fraction=1.5), ValueError, "cross_attention_fraction must be a number in \\[0, 1\\]"),
+        (dict(difference_weight=2), ValueError, "difference_weight must be a number in \\[0, 1\\]"),
+        (dict(difference_source="pixels"), ValueError, "difference_source must be one of"),
+        (dict(fusion="max"), ValueError, "fusion must be one of"),
+        (dict(height=36), ValueError, "multiples of 8"),
+        (dict(class_names=[]), ValueError, "class_names is empty"),
+        (dict(prompt_embeds=torch.zeros(1, 77, 32)), ValueError, "needs the prompt as text"),
+        (dict(latents=torch.zeros(2, 4, 16, 16)), ValueError, "latents must have shape \\(1, 4, 16, 16\\)"),
+        (dict(generator=[generator(), generator()]), ValueError, "2 generators for 1 images"),
+    ],
+)
+def test_bad_input_is_a_clear_error(pipe, kwargs, error, message):
+    kwargs = {"prompt": "a dog on the grass", "class_names": ["dog"], **FAST, **kwargs}
+    with pytest.raises(error, match=message):
+        pipe(**kwargs)
+
+
+# ----------------------------------------------------------------------------- loading and dataset generation
+def test_custom_pipeline_loads_with_trust_remote_code(tmp_path, pipe):
+    from diffusers import DiffusionPipeline
+
+    folder = save_tiny_stable_diffusion(tmp_path / "tiny-sd", seed=0)
+    shim = str(REPO / "pipelines" / "counterfactual")
+    loaded = DiffusionPipeline.from_pretrained(folder, custom_pipeline=shim, trust_remote_code=True)
+    assert type(loaded).__name__ == "CounterfactualPipeline"
+    loaded.set_progress_bar_config(disable=True)
+    out = loaded("a dog", class_names=["dog"], generator=generator(), output_type="np", **FAST)
+    expected = pipe("a dog", class_names=["dog"], generator=generator(), output_type="np", **FAST)
+    np.testing.assert_allclose(out.negative_images, expected.negative_images, atol=1e-5)
+    np.testing.assert_array_equal(out.masks, expected.masks)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        DiffusionPipeline.from_pretrained(folder, custom_pipeline=shim)
+
+
+def test_generate_writes_the_negative_image_column(tmp_path, pipe):
+    from datasets import load_dataset
+
+    from diffuseg.generation import GenerationConfig, generate_dataset, parse_classes, to_uint8
+
+    config = GenerationConfig(out=str(tmp_path / "ds"), classes=parse_classes("dog,cat"), images_per_class=1,
+                              pipeline="counterfactual", model="tiny-random", seed=1, height=32, width=32,
+                              num_inference_steps=2, batch_size=2, samples_per_shard=2)
+    assert generate_dataset(config, pipe=pipe, progress=False).kept == 2
+    ds = load_dataset(str(tmp_path / "ds"), split="train")
+    assert "negative_image" in ds.column_names and set(ds["pipeline"]) == {"counterfactual"}
+    for row in ds:
+        words = [w for w in ("dog", "cat") if find_word_spans(row["prompt"], w)]
+        again = pipe(row["prompt"], class_names=words, generator=generator(row["seed"]), output_type="np", **FAST)
+        # Batched there, alone here: equal up to rounding.
+        np.testing.assert_allclose(np.asarray(row["negative_image"]), to_uint8(again.negative_images)[0], atol=1)
+        np.testing.assert_allclose(np.asarray(row["image"]), to_uint8(again.images)[0], atol=1)
+        assert not np.array_equal(np.asarray(row["negative_image"]), np.asarray(row["image"]))
