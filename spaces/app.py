@@ -30,12 +30,12 @@ import torch
 
 from diffuseg.models import DEFAULT_MODEL, load_pipeline
 from diffuseg.pipelines import (
+    CounterfactualPipeline,
     DiffuMaskPipeline,
     FreeMaskEditPipeline,
     FreeMaskObject,
     MaskDiffusionSegPipeline,
 )
-from diffuseg.pipelines.counterfactual import CounterfactualPipeline
 from diffuseg.shapesworld import make_sample
 from diffuseg.visualize import overlay, palette
 
