@@ -32,7 +32,7 @@ from diffuseg.training_data import (
 NAMES = ("background", "square", "circle")
 
 
-def write_shapes_dataset(folder, count, seed, names=NAMES, size=64, split="train", synthetic=False, negatives=False):
+def write_shapes_dataset(folder, count, seed, names=NAMES, size=64, split="train", synthetic=False, negatives=False, pipeline="test"):
     """A Hub-layout folder of red squares and blue discs on grey noise, exact masks.
 
     Red is always ``square`` and blue ``circle`` (else the last name) whatever ids ``names`` gives them; a few
@@ -71,7 +71,7 @@ def write_shapes_dataset(folder, count, seed, names=NAMES, size=64, split="train
         if synthetic:
             rows["prompt"].append("a red square and a blue circle")
             rows["seed"].append(index)
-            rows["pipeline"].append("test")
+            rows["pipeline"].append(pipeline)
             rows["model"].append("none")
         if negatives:
             rows["negative_image"].append(Image.fromarray(background))
@@ -80,6 +80,16 @@ def write_shapes_dataset(folder, count, seed, names=NAMES, size=64, split="train
     dataset.to_parquet(str(Path(folder) / "data" / f"{split}-00000-of-00001.parquet"))
     (Path(folder) / "id2label.json").write_text(json.dumps({str(i): name for i, name in enumerate(names)}))
     return str(folder)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # These models are tiny: on a shared 2-core machine a second intra-op thread mostly spins
+    # and waits, and makes each step many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -209,6 +219,9 @@ def test_zero_shot_ignores_unseen_classes_in_real_data_only(data, tmp_path):
     assert lookups[0][circle] == IGNORE_INDEX and lookups[1][circle] == circle
     lookups, real = training_label_lookups(sources, space, ["circle"], real=[data["syn"]])
     assert real == [False, True] and lookups[0][circle] == circle and lookups[1][circle] == IGNORE_INDEX
+    # Rendered ground truth (ShapesWorld) has provenance columns too, yet is real data.
+    rendered = write_shapes_dataset(tmp_path / "rendered", 1, 4, synthetic=True, pipeline="render")
+    assert not load_source(rendered).synthetic and load_source(data["syn"]).synthetic
 
     output = tmp_path / "zs"
     result = train(tiny_args(data, output, eval=[data["val"]], unseen_classes=["circle"], max_steps=15, crop_scale=(1.0, 1.0)))

@@ -36,7 +36,7 @@ def add_parser(subparsers) -> None:
     data.add_argument("--label-column", default=defaults.label_column, help=f"column of the label maps (8-bit, {IGNORE_INDEX} = ignore)")
     data.add_argument("--labels", nargs="+", metavar="NAME", help="class names of the model in id order (default: those of the training datasets)")
     data.add_argument("--unseen-classes", nargs="+", metavar="NAME", help="zero-shot: classes ignored in the real training data; evaluation adds seen/unseen/harmonic mIoU")
-    data.add_argument("--real-train", nargs="+", metavar="DATASET", help="training datasets that are real data (default: those without a 'pipeline' column)")
+    data.add_argument("--real-train", nargs="+", metavar="DATASET", help="training datasets that are real data (default: those whose 'pipeline' column is absent, empty or 'render')")
     data.add_argument("--counterfactual-weight", type=float, default=defaults.counterfactual_weight, help="weight of the counterfactual loss on datasets with a negative_image column (0: off)")
 
     model = parser.add_argument_group("model")
