@@ -183,7 +183,7 @@ def train(args: TrainingArguments) -> TrainingResult:
     pretrained = None if args.config else args.model or DEFAULT_SEGMENTATION_MODEL
     pretrained_config = AutoConfig.from_pretrained(pretrained) if pretrained else None
     label_space = build_label_space(train_sources, args.labels, pretrained_config.id2label if pretrained_config else None)
-    unseen = class_ids(args.unseen_classes or [], label_space)
+    unseen = unseen_class_ids(args.unseen_classes or [], label_space)
     train_lookups, real = training_label_lookups(train_sources, label_space, args.unseen_classes or (), args.real_train)
     eval_lookups = [label_lookup(source, label_space) for source in eval_sources]
 
@@ -242,6 +242,8 @@ def train(args: TrainingArguments) -> TrainingResult:
         accelerator.load_state(str(checkpoint))
         step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
         accelerator.print(f"resumed from {checkpoint} at step {step}")
+    elif args.resume:
+        accelerator.print(f"no checkpoint under {output_dir / CHECKPOINTS} yet: starting from step 0")
 
     def evaluate_all() -> dict[str, dict[str, Any]]:
         reports = {}
@@ -271,8 +273,8 @@ def train(args: TrainingArguments) -> TrainingResult:
             step += 1
             steps_run += 1
             losses.append(loss.item())
+            progress.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)  # shown at tqdm's own pace
             progress.update(1)
-            progress.set_postfix(loss=f"{losses[-1]:.4f}")
             accelerator.log({"train/loss": losses[-1], "train/lr": scheduler.get_last_lr()[0]}, step=step)
             evaluate_now = bool(args.eval_steps) and step % args.eval_steps == 0 and step < args.max_steps
             checkpoint_now = bool(args.checkpoint_steps) and step % args.checkpoint_steps == 0
@@ -302,8 +304,8 @@ def train(args: TrainingArguments) -> TrainingResult:
     return TrainingResult(accelerator.unwrap_model(model), output_dir, step, losses, eval_results, steps_per_second)
 
 
-def class_ids(names: Sequence[str], label_space: Mapping[int, str]) -> list[int]:
-    """Ids of class ``names`` in ``label_space``; ValueError naming those it lacks."""
+def unseen_class_ids(names: Sequence[str], label_space: Mapping[int, str]) -> list[int]:
+    """Ids of the unseen class ``names`` in ``label_space``; ValueError naming those it lacks."""
     ids = {label: label_id for label_id, label in label_space.items()}
     missing = [name for name in names if name not in ids]
     if missing:

@@ -37,8 +37,14 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from accelerate import Accelerator
 
-    from diffuseg.evaluation import evaluate_segmentation, format_report, load_segmentation_model, metrics_report, saved_image_transform
-    from diffuseg.training import class_ids
+    from diffuseg.evaluation import (
+        evaluate_segmentation,
+        format_report,
+        load_segmentation_model,
+        metrics_report,
+        saved_image_transform,
+    )
+    from diffuseg.training import unseen_class_ids
     from diffuseg.training_data import SegmentationSamples, label_lookup, load_source, segmentation_loader
 
     accelerator = Accelerator()
@@ -46,12 +52,16 @@ def run(args: argparse.Namespace) -> int:
         source = load_source(args.dataset, args.split, ("validation", "test"), args.image_column, args.label_column)
     model = load_segmentation_model(args.model)
     label_space = {int(label_id): name for label_id, name in model.config.id2label.items()}
-    unseen = class_ids(args.unseen_classes or [], label_space)
-    samples = SegmentationSamples([source], [label_lookup(source, label_space)], saved_image_transform(args.model, args.image_size), len(label_space))
+    unseen = unseen_class_ids(args.unseen_classes or [], label_space)
+    transform = saved_image_transform(args.model, args.image_size)
+    samples = SegmentationSamples([source], [label_lookup(source, label_space)], transform, len(label_space))
     loader = accelerator.prepare_data_loader(segmentation_loader(samples, args.batch_size, args.num_workers))
     model = accelerator.prepare_model(model, evaluation_mode=True)
     metrics, images = evaluate_segmentation(model, loader, accelerator, len(label_space), unseen or None, f"eval {source.name}")
     report = metrics_report(metrics, label_space, images)
     if accelerator.is_main_process:
-        print(json.dumps({"model": args.model, "dataset": source.name, "split": source.split, **report}) if args.json else format_report(report, args.unseen_classes or ()))
+        if args.json:
+            print(json.dumps({"model": args.model, "dataset": source.name, "split": source.split, **report}))
+        else:
+            print(format_report(report, args.unseen_classes or ()))
     return 0
