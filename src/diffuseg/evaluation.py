@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffuseg.metrics import confusion_matrix, metrics_from_confusion
-from diffuseg.training_data import IGNORE_INDEX, SampleTransform, processor_normalisation
+from diffuseg.training_data import IGNORE_INDEX, SampleTransform, looks_like_local_path, processor_normalisation
 
 SUMMARY_KEYS = ("mean_iou", "mean_accuracy", "overall_accuracy", "mean_iou_seen", "mean_iou_unseen", "harmonic_mean_iou")
 
@@ -42,7 +42,7 @@ def load_segmentation_model(path: str | os.PathLike):
             model = AutoModelForSemanticSegmentation.from_pretrained(base, use_safetensors=True)
             return PeftModel.from_pretrained(model, folder)
         return AutoModelForSemanticSegmentation.from_pretrained(folder, use_safetensors=True)
-    if given.startswith((".", "/", "~")) or given.count("/") > 1:  # a Hub id is "name" or "owner/name"
+    if looks_like_local_path(given):
         raise FileNotFoundError(f"model folder {given!r} does not exist")
     return AutoModelForSemanticSegmentation.from_pretrained(given, use_safetensors=True)
 

@@ -31,18 +31,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from diffuseg.data import BACKGROUND, IGNORE_INDEX
 from diffuseg.evaluation import evaluate_segmentation, format_report, metrics_report
 from diffuseg.training_data import (
-    BACKGROUND,
-    IGNORE_INDEX,
     MixtureSampler,
     SampleTransform,
     SegmentationSamples,
     SegmentationSource,
     build_label_space,
-    collate_segmentation,
     label_lookup,
     load_source,
+    looks_like_local_path,
     processor_normalisation,
     segmentation_loader,
     training_label_lookups,
@@ -343,7 +342,7 @@ def model_config(config: str, overrides: Mapping[str, Any]):
         if "model_type" not in values:
             raise ValueError(f"config {config!r} has no model_type: cannot tell which architecture to build")
         return AutoConfig.for_model(values.pop("model_type"), **{**values, **overrides})
-    if config.startswith((".", "/", "~")) and not path.exists():
+    if looks_like_local_path(config) and not path.exists():
         raise FileNotFoundError(f"config {config!r} does not exist; presets: {', '.join(MODEL_PRESETS)}")
     return AutoConfig.from_pretrained(config, **overrides)
 

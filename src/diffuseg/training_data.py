@@ -33,9 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-IGNORE_INDEX = 255
-"""Label value that is not trained on nor scored (padding, uncertain pixels, held-out classes)."""
-BACKGROUND = "background"
+from diffuseg.data import IGNORE_INDEX, read_id2label
+
 NEGATIVE_COLUMN = "negative_image"
 CLASSES_COLUMN = "classes"
 PROVENANCE_COLUMN = "pipeline"
@@ -82,7 +81,7 @@ def load_source(
     """
     expanded = os.path.expanduser(name)
     local = os.path.isdir(expanded)
-    if not local and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+    if not local and looks_like_local_path(name):
         raise FileNotFoundError(f"dataset folder {name!r} does not exist")
     splits = datasets.load_dataset(expanded if local else name)
     split = _choose_split(name, list(splits), split, preferred_splits)
@@ -101,9 +100,14 @@ def load_source(
         name=name,
         split=split,
         dataset=dataset,
-        id2label=read_id2label(name, dataset, Path(expanded) if local else None),
+        id2label=source_id2label(name, dataset, Path(expanded) if local else None),
         synthetic=is_generated(dataset),
     )
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path: a Hub id is ``name`` or ``owner/name``."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def is_generated(dataset: datasets.Dataset) -> bool:
@@ -129,11 +133,11 @@ def _choose_split(name: str, available: list[str], split: str | None, preferred:
     )
 
 
-def read_id2label(name: str, dataset: datasets.Dataset, folder: Path | None = None) -> dict[int, str]:
+def source_id2label(name: str, dataset: datasets.Dataset, folder: Path | None = None) -> dict[int, str]:
     """Label id -> class name of a dataset: its ``id2label.json``, else the names of its
     ``classes`` ClassLabel column (equal by the diffuseg format), else from the Hub repo."""
     if folder is not None and (folder / "id2label.json").is_file():
-        raw = json.loads((folder / "id2label.json").read_text())
+        raw = read_id2label(folder)
     elif CLASSES_COLUMN in dataset.features and hasattr(getattr(dataset.features[CLASSES_COLUMN], "feature", None), "names"):
         raw = dict(enumerate(dataset.features[CLASSES_COLUMN].feature.names))
     elif folder is None:
