@@ -719,7 +719,7 @@ image = pipe("a red circle and a blue square", num_inference_steps=25, guidance_
 | objective | DDPM ε-prediction, 1000 steps, scaled-linear betas 0.00085–0.012, min-SNR-γ weighting γ={config.min_snr_gamma}; caption dropout {config.caption_dropout}; EMA {config.ema_decay} |
 | optimisation | AdamW lr {config.lr}, batch {config.batch}, warm-up {config.warmup_steps}, grad-norm clip {config.max_grad_norm} |
 | curriculum | single objects for {config.single_only_steps} steps, then pairs ramped to {config.max_pair_fraction:.0%} over {config.pair_ramp_steps} steps; radius {config.radius_px[0]:g}–{config.radius_px[1]:g} px |
-| progress | **{state.get('step')} UNet steps** of {config.max_steps}; recent loss {loss_text}; {state.get('train_seconds', 0) / 3600:.2f} h of training compute |
+| progress | **{state.get('step')} UNet steps** of {config.max_steps}; recent loss {loss_text}; {state.get('train_seconds', 0) / 3600:.2f} h wall-clock in training steps (shared CPU) |
 | weights | EMA weights, safetensors: UNet and VAE fp16 (loaded as fp32), text encoder fp32; sampler: DDIM |
 | seed | {config.seed} (full config in `training_state.json`) |
 
