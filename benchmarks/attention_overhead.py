@@ -3,7 +3,8 @@
 Same tiny-but-UNet-dominated model, same settings, same seed. Times are interleaved
 (plain, DiffuMask, store-every-map, plain, ...) in one process so machine noise hits all
 three alike; the median of each is reported. Peak memory is measured in a fresh process
-per variant: the peak resident size during the call minus the size just before it.
+per variant, after a warm-up call: the kernel's peak resident size (VmHWM, reset just
+before the call) minus the resident size at that moment.
 
 The third variant is the baseline our running sums replace: a prompt-to-prompt style
 controller that computes every attention layer explicitly and keeps every map of every step.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -76,18 +76,19 @@ def run(pipe, variant: str, steps: int, size: int):
         return plain_call(PROMPT, **common)
 
 
-def current_rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def memory_child(variant: str, steps: int, size: int) -> None:
-    torch.set_num_threads(torch.get_num_threads())
     pipe = build(size)
-    before = current_rss_kib()
+    run(pipe, variant, 1, size)  # warm-up: first-touch library pages are not the variant's cost
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the kernel's peak-RSS counter (VmHWM) to the current RSS
+    before = rss_kib("VmRSS")
     run(pipe, variant, steps, size)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"variant": variant, "peak_delta_mib": max(peak - before, 0) / 1024}))
+    print(json.dumps({"variant": variant, "peak_delta_mib": max(rss_kib("VmHWM") - before, 0) / 1024}))
 
 
 def main() -> None:

@@ -130,12 +130,14 @@ class ExplicitAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        scores = torch.matmul(query, key.transpose(-1, -2)) * attn.scale
+        # In-place where possible: explicit probabilities are the one extra buffer this layer needs.
+        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(attn.scale)
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-            scores = scores + mask.view(batch, attn.heads, -1, mask.shape[-1])
+            scores += mask.view(batch, attn.heads, -1, mask.shape[-1])
         # Softmax in float32: half-precision probabilities lose the small values maps are made of.
         probs = scores.float().softmax(dim=-1)
+        del scores
         replaced = self.controller(kind, size, probs)
         if replaced is not None:
             probs = replaced
