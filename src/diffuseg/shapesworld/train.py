@@ -766,7 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue a run (see below); the recorded config wins over --preset/--config, "
                         "except values given with --set")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); on a CPU shared with other jobs use 1: "
+                        "here 2 OpenMP threads under contention made a VAE step 10x slower than 1 thread")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     return parser
 
