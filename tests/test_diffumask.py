@@ -135,3 +135,16 @@ def test_custom_pipeline_refused_without_trust_remote_code(tmp_path):
     folder = save_tiny_stable_diffusion(tmp_path / "tiny-sd", seed=0)
     with pytest.raises(ValueError, match="trust_remote_code"):
         DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(REPO / "pipelines" / "diffumask"))
+
+
+def test_shipped_model_generates_an_image_and_a_mask_offline():
+    from diffuseg.models import EMBEDDED_MODELS, load_default_model
+
+    if not (EMBEDDED_MODELS["shapesworld"] / "model_index.json").is_file():
+        pytest.skip("the embedded ShapesWorld model is not in this checkout")
+    pipe = load_default_model()
+    assert isinstance(pipe, DiffuMaskPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red circle", class_names=["circle"], num_inference_steps=4, generator=generator(), output_type="np")
+    assert out.images.shape == (1, 64, 64, 3) and out.masks.shape == (1, 64, 64)
+    assert np.isfinite(out.attention_maps).all() and out.images.std() > 0

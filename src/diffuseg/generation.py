@@ -585,6 +585,7 @@ def _generate_diffumask(pipe, requests: Sequence[SampleRequest], config: Generat
         negative_prompt=[config.negative_prompt] * len(requests) if config.negative_prompt else None,
         generator=[torch.Generator().manual_seed(r.seed) for r in requests],
         output_type="np",
+        resolutions=config.resolutions,
         threshold=config.threshold,
         ignore_band=config.ignore_band,
         refine=config.refine,
@@ -722,7 +723,8 @@ class GenerationConfig:
         prompt_max_new_tokens: description length limit.
         two_class_fraction: share of prompts naming a second, random class.
         height, width, num_inference_steps, guidance_scale, negative_prompt: generation.
-        threshold, ignore_band, refine, min_component_area: mask extraction.
+        resolutions, threshold, ignore_band, refine, min_component_area: mask extraction
+            (see :class:`~diffuseg.pipelines.DiffuMaskPipeline`).
         min_mask_area: reject samples whose smallest named class covers less than this
             fraction of the image.
         max_ignore_fraction: reject samples with more ignore (255) pixels than this.
@@ -751,6 +753,7 @@ class GenerationConfig:
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     negative_prompt: str | None = None
+    resolutions: tuple[int, ...] | None = None
     threshold: str | float = "otsu"
     ignore_band: float = 0.0
     refine: bool = False
@@ -802,6 +805,8 @@ class GenerationConfig:
             raise ValueError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.templates is not None:
             check_templates(self.templates)
+        if self.resolutions is not None and (not self.resolutions or min(self.resolutions) < 1):
+            raise ValueError(f"--resolutions must be positive map heights, got {self.resolutions}")
         if self.prompt_model is not None and not Path(self.prompt_model).expanduser().is_dir():
             raise FileNotFoundError(f"prompt model folder {self.prompt_model!r} does not exist (--prompt-model takes a local folder)")
         get_pipeline(self.pipeline)
@@ -992,10 +997,15 @@ def generate_dataset(config: GenerationConfig, pipe=None, progress: bool = True)
     writer.close(finalize=False)
     state.wait_for_everyone()
     if state.is_main_process:
-        writer.finalize()
+        writer.finalize()  # publish the shards, then describe what was published
         writer.finalize(describe(config, collect_stats(writer)))
         summary.total_rows = sum(pq.read_metadata(p).num_rows for p in split_files(config.out).get("train", []))
     state.wait_for_everyone()
+    if state.is_main_process and summary.total_rows == 0:
+        raise ValueError(
+            f"the filters rejected every sample ({config.num_samples} generated); loosen --min-mask-area, "
+            "--max-ignore-fraction or the agreement filter"
+        )
     return summary
 
 
@@ -1113,9 +1123,9 @@ def collect_stats(writer: DatasetWriter) -> dict[str, Any]:
     for path in split_files(writer.folder).get(writer.split, []):
         columns = ["classes", "mosaic"] if "mosaic" in pq.read_schema(path).names else ["classes"]
         table = pq.read_table(path, columns=columns).to_pydict()
-        for k, classes in enumerate(table["classes"]):
+        for classes, is_mosaic in zip(table["classes"], table.get("mosaic") or [0] * len(table["classes"])):
             rows += 1
-            if table.get("mosaic", [0] * (k + 1))[k]:
+            if is_mosaic:
                 mosaics += 1
                 continue
             for c in classes:
@@ -1146,6 +1156,7 @@ def describe(config: GenerationConfig, stats: Mapping[str, Any]) -> str:
         f"| denoising steps | {config.num_inference_steps} |",
         f"| guidance scale | {config.guidance_scale} |",
         f"| negative prompt | {config.negative_prompt or '—'} |",
+        f"| cross-attention resolutions | {', '.join(map(str, config.resolutions)) if config.resolutions else 'all'} |",
         f"| mask threshold | {config.threshold} |",
         f"| ignore band (→ 255) | {config.ignore_band} |",
         f"| self-attention refinement | {'yes' if config.refine else 'no'} |",
@@ -1212,3 +1223,57 @@ def describe(config: GenerationConfig, stats: Mapping[str, Any]) -> str:
         "```",
     ]
     return "\n".join(lines)
+
+
+# =====================================================================================
+# dataset scripts (dataset_scripts/*.py)
+
+
+def run_dataset_script(settings: Mapping[str, Any], description: str, argv: Sequence[str] | None = None) -> int:
+    """Command line of a ready dataset script: fixed ``settings``, a few run-time options.
+
+    ``settings`` are :class:`GenerationConfig` fields (``classes`` as a preset/spec string)
+    written down in the script; the command line may change where the data goes, how much
+    of it, the model location, the seed, and how the work runs; ``--push`` uploads the result.
+    Works under ``accelerate launch``.
+    """
+    import argparse
+
+    settings = dict(settings)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=settings.pop("out"), help="dataset folder (default: %(default)s)")
+    parser.add_argument("--images-per-class", type=int, default=settings.pop("images_per_class"),
+                        help="prompts per class (default: %(default)s)")
+    parser.add_argument("--model", default=settings.pop("model"), help="model id or folder (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=settings.pop("seed", 0), help="run seed (default: %(default)s)")
+    parser.add_argument("--agreement-model", help="segmentation model for the agreement filter (optional)")
+    parser.add_argument("--batch-size", type=int, default=settings.pop("batch_size", 8),
+                        help="prompts per pipeline call (default: %(default)s)")
+    parser.add_argument("--samples-per-shard", type=int, default=settings.pop("samples_per_shard", 256),
+                        help="generated samples per shard (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
+    parser.add_argument("--push", metavar="REPO", help="upload the finished dataset to this Hub dataset repo")
+    parser.add_argument("--private", action="store_true", help="with --push: create the repo as private")
+    args = parser.parse_args(argv)
+    agreement_keep = settings.pop("agreement_keep", None)
+    config = GenerationConfig(
+        out=args.out,
+        classes=parse_classes(settings.pop("classes")),
+        images_per_class=args.images_per_class,
+        model=args.model,
+        seed=args.seed,
+        agreement_model=args.agreement_model,
+        agreement_keep=agreement_keep if args.agreement_model else None,
+        batch_size=args.batch_size,
+        samples_per_shard=args.samples_per_shard,
+        dtype=args.dtype,
+        **settings,
+    )
+    summary = generate_dataset(config)
+    if distributed_state().is_main_process:
+        print(f"{summary.folder}: {summary.total_rows} rows")
+        if args.push:
+            from diffuseg.commands.push import plan_upload, push_dataset
+
+            print(f"uploaded: {push_dataset(plan_upload(args.out, args.push, args.private))}")
+    return 0

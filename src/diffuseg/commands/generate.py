@@ -41,6 +41,13 @@ def _threshold(value: str) -> str | float:
         return value
 
 
+def _heights(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 16,32,64, got {value!r}") from None
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "generate",
@@ -76,6 +83,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
     gen.add_argument("--negative-prompt", help="negative prompt for every image")
+    gen.add_argument("--resolutions", type=_heights, metavar="H,H,...",
+                     help="heights of the cross-attention maps to average, e.g. 16,32,64 for SD at 512 (default: all)")
     gen.add_argument("--threshold", type=_threshold, default="otsu", metavar="METHOD",
                      help="mask threshold: otsu, adaptive (DiffuMask) or a number in [0, 1] (default: otsu)")
     gen.add_argument("--ignore-band", type=float, default=0.0, metavar="F",
@@ -132,6 +141,7 @@ def config_from_args(args: argparse.Namespace):
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         negative_prompt=args.negative_prompt,
+        resolutions=args.resolutions,
         threshold=args.threshold,
         ignore_band=args.ignore_band,
         refine=args.refine,
@@ -152,9 +162,7 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from diffuseg.generation import distributed_state, generate_dataset
 
-    config = config_from_args(args)
-    config.validate()
-    summary = generate_dataset(config, progress=not args.no_progress)
+    summary = generate_dataset(config_from_args(args), progress=not args.no_progress)
     if distributed_state().is_main_process:
         rejected = ", ".join(f"{n} {r}" for r, n in sorted(summary.rejected.items())) or "none"
         print(
