@@ -34,7 +34,8 @@ from diffuseg.evaluation import format_report, metrics_report
 from diffuseg.metrics import mean_iou
 from diffuseg.models import load_pipeline
 from diffuseg.pipelines.maskdiffusion import MaskDiffusionSegPipeline
-from diffuseg.training_data import BACKGROUND, IGNORE_INDEX, load_source
+from diffuseg.data import BACKGROUND, IGNORE_INDEX
+from diffuseg.training_data import load_source
 
 
 def match_clusters(clusters: np.ndarray, reference: np.ndarray, unmatched: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
