@@ -63,7 +63,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     what.add_argument("--images-per-class", type=int, default=10, metavar="N",
                       help="prompts generated per class; filters may remove some (default: 10)")
     what.add_argument("--pipeline", default="diffumask", metavar="NAME",
-                      help="generation pipeline: diffumask (freemask, counterfactual once available) (default: diffumask)")
+                      help="generation pipeline: diffumask, freemask or counterfactual (default: diffumask)")
     what.add_argument("--model", default="shapesworld", metavar="MODEL",
                       help="'shapesworld' (the embedded model), a local pipeline folder or a Hub id (default: shapesworld)")
     what.add_argument("--seed", type=int, default=0, help="run seed; sample i uses a seed derived from (seed, i) (default: 0)")
