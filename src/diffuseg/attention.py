@@ -256,6 +256,23 @@ class AttentionStore(AttentionController):
         return None if self.self_sum is None else self.self_sum / self.self_count
 
 
+    def refine(self, maps: torch.Tensor, iterations: int = 1) -> torch.Tensor:
+        """``maps`` propagated along the recorded self-attention (see :func:`diffuseg.masks.refine_with_self_attention`).
+
+        Raises:
+            ValueError: no self-attention was recorded (the UNet has none at the requested height).
+        """
+        from diffuseg.masks import refine_with_self_attention
+
+        affinity = self.self_attention()
+        if affinity is None:
+            raise ValueError(
+                f"refine=True needs self-attention at height {self.self_attention_resolution}, "
+                "and this UNet has none there; use refine=False"
+            )
+        return refine_with_self_attention(maps, affinity, self.self_size, iterations)
+
+
 class AttentionMaps:
     """What :func:`capture` recorded, read after the pipeline call."""
 

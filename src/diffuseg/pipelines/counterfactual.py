@@ -30,7 +30,6 @@ from diffuseg.masks import (
     aggregate_resolutions,
     label_map,
     normalize_max,
-    refine_with_self_attention,
     thresholds,
     upsample,
 )
@@ -318,14 +317,7 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         # 3. Two mask signals: the positives' class-word attention, and where the pair differs.
         attention = aggregate_resolutions(list(controller.cross_attention().values()), (height, width))
         if refine:
-            if controller.self_attention() is None:
-                raise ValueError(
-                    f"refine=True needs self-attention at height {self_attention_height(latent_size)}, "
-                    "and this UNet has none there; use refine=False"
-                )
-            attention = refine_with_self_attention(
-                attention, controller.self_attention(), controller.self_size, refine_iterations
-            )
+            attention = controller.refine(attention, refine_iterations)
         if difference_source == "image":
             positive, negative = pixels.float().chunk(2)
             difference = (positive - negative).abs().mean(dim=1)

@@ -21,7 +21,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from diffuseg.attention import capture
-from diffuseg.masks import label_map, refine_with_self_attention, thresholds
+from diffuseg.masks import label_map, thresholds
 
 # Self-attention is recorded at the finest level with at most this many positions:
 # explicit self-attention costs O(positions²) memory and time.
@@ -155,14 +155,7 @@ class DiffuMaskPipeline(StableDiffusionPipeline):
         # 2. Aggregate resolutions into one soft map per class word, at image size.
         attention = maps.aggregate((height, width))
         if refine:
-            if maps.store.self_attention() is None:
-                raise ValueError(
-                    f"refine=True needs self-attention at height {self_attention_height(latent_size)}, "
-                    "and this UNet has none there; use refine=False"
-                )
-            attention = refine_with_self_attention(
-                attention, maps.store.self_attention(), maps.store.self_size, refine_iterations
-            )
+            attention = maps.store.refine(attention, refine_iterations)
 
         # 3. Threshold each map and assemble one label map per image.
         cutoffs = thresholds(attention, threshold)

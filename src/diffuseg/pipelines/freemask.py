@@ -54,7 +54,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffuseg.attention import capture
-from diffuseg.masks import IGNORE_INDEX, label_map as assemble_label_map, refine_with_self_attention, thresholds
+from diffuseg.masks import IGNORE_INDEX, label_map as assemble_label_map, thresholds
 from diffuseg.pipelines.diffumask import DiffuMaskPipeline, self_attention_height
 from diffuseg.tokens import word_token_positions
 
@@ -464,14 +464,7 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
 
         attention = maps.aggregate((height, width))
         if refine_iterations:
-            if maps.store.self_attention() is None:
-                raise ValueError(
-                    f"refine=True needs self-attention at height {self_attention_height(latent_size)}, "
-                    "and this UNet has none there; use refine=False"
-                )
-            attention = refine_with_self_attention(
-                attention, maps.store.self_attention(), maps.store.self_size, refine_iterations
-            )
+            attention = maps.store.refine(attention, refine_iterations)
         return decoded, attention[:, 0].float().cpu()
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
