@@ -130,6 +130,51 @@ def test_recorded_cross_attention_is_softmax_of_qk():
     assert torch.allclose(out, reference(query, encoder_hidden_states=key), atol=1e-5)
 
 
+def test_probabilities_come_in_row_slices_that_cover_the_layer():
+    # Many heads and keys for few channels: each slice holds at most the layer's input size,
+    # so this layer's 64 query rows arrive in several slices.
+    torch.manual_seed(0)
+    dim, heads, h, w, keys = 8, 4, 8, 8, 40
+    attn = Attention(query_dim=dim, cross_attention_dim=dim, heads=heads, dim_head=dim // heads)
+    hidden, context = torch.randn(2, h * w, dim), torch.randn(2, keys, dim)
+    weights = torch.zeros(1, keys, 1)
+    weights[0, 7, 0] = 1.0
+    store = AttentionStore(weights, self_attention_resolution=h)
+    store.latent_size = (h, w)
+    slices = []
+
+    class Spy(AttentionController):
+        def wants(self, kind, size):
+            return True
+
+        def __call__(self, kind, size, probs, queries):
+            slices.append((kind, queries))
+            return store(kind, size, probs, queries)
+
+    spy = Spy()
+    spy.latent_size = (h, w)
+    with torch.no_grad():
+        reference_cross = attn(hidden, encoder_hidden_states=context)
+        reference_self = attn(hidden)
+        attn.set_processor(ExplicitAttnProcessor(spy, AttnProcessor2_0()))
+        assert torch.allclose(attn(hidden, encoder_hidden_states=context), reference_cross, atol=1e-5)
+        assert torch.allclose(attn(hidden), reference_self, atol=1e-5)
+
+        cross = [q for kind, q in slices if kind == "cross"]
+        assert len(cross) > 1
+        assert [q.start for q in cross] == [0] + [q.stop for q in cross[:-1]] and cross[-1].stop == h * w
+        # Reference probabilities of the conditional image (batch of 2 = guidance halves), mean of heads.
+        q = attn.to_q(hidden[1]).view(h * w, heads, -1).transpose(0, 1)
+        k = attn.to_k(context[1]).view(keys, heads, -1).transpose(0, 1)
+        expected = torch.softmax(q @ k.transpose(1, 2) * attn.scale, dim=-1).mean(dim=0)
+        assert torch.allclose(store.cross_attention()[(h, w)].flatten(), expected[:, 7], atol=1e-6)
+        assert store.cross_counts[(h, w)] == 1
+        k_self = attn.to_k(hidden[1]).view(h * w, heads, -1).transpose(0, 1)
+        expected_self = torch.softmax(q @ k_self.transpose(1, 2) * attn.scale, dim=-1).mean(dim=0)
+        assert torch.allclose(store.self_attention()[0], expected_self, atol=1e-6)
+        assert store.self_count == 1
+
+
 class KeepEverything(AttentionController):
     """Prompt-to-prompt style: a list of every map of every step, for checking running means."""
 
@@ -144,10 +189,13 @@ class KeepEverything(AttentionController):
     def wants(self, kind, size):
         return self.store.wants(kind, size)
 
-    def __call__(self, kind, size, probs):
+    def __call__(self, kind, size, probs, queries):
         if kind == "cross":
-            self.maps.append((size, probs.clone()))
-        return self.store(kind, size, probs)
+            if queries.start == 0:
+                self.maps.append((size, probs.clone()))
+            else:  # the layer's next slice of query rows
+                self.maps[-1] = (size, torch.cat([self.maps[-1][1], probs], dim=2))
+        return self.store(kind, size, probs, queries)
 
 
 @pytest.fixture(scope="module")

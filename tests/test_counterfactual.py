@@ -141,7 +141,7 @@ def test_controller_copies_attention_into_the_counterfactuals_only():
     controller.step = 0
     probs = torch.rand(4 * images, heads, queries, tokens).softmax(dim=-1)  # [uncond: +, -; cond: +, -]
     assert controller.wants("cross", (2, 2)) and controller.wants("self", (2, 2))
-    out = controller("cross", (2, 2), probs.clone())
+    out = controller("cross", (2, 2), probs.clone(), slice(0, 4))
     pairs, edited = probs.view(2, 2, images, heads, queries, tokens), out.view(2, 2, images, heads, queries, tokens)
     torch.testing.assert_close(edited[:, 0], pairs[:, 0])  # positives untouched
     torch.testing.assert_close(edited[0, 1], pairs[0, 0])  # same negative prompt: everything copied
@@ -156,14 +156,14 @@ def test_controller_copies_attention_into_the_counterfactuals_only():
     recorded = controller.cross_attention()[(2, 2)]
     torch.testing.assert_close(recorded[:, 0].flatten(1), pairs[1, 0].mean(1)[..., 2])
     square = torch.rand(2 * images, heads, 4, 4).softmax(-1)  # no guidance: [+, -]
-    injected = controller("self", (2, 2), square).view(2, images, heads, 4, 4)
+    injected = controller("self", (2, 2), square, slice(0, 4)).view(2, images, heads, 4, 4)
     torch.testing.assert_close(injected[1], square.view(2, images, heads, 4, 4)[0])
     controller.step = 1
-    assert controller("self", (2, 2), square) is None and not controller.injects("self", (2, 2))
+    assert controller("self", (2, 2), square, slice(0, 4)) is None and not controller.injects("self", (2, 2))
     controller.step = 2
-    assert controller("cross", (2, 2), probs) is None
+    assert controller("cross", (2, 2), probs, slice(0, 4)) is None
     with pytest.raises(ValueError, match="not \\[positives, counterfactuals\\]"):
-        controller("cross", (2, 2), probs[:3])
+        controller("cross", (2, 2), probs[:3], slice(0, 4))
 
 
 # ----------------------------------------------------------------------------- outputs, batching, determinism

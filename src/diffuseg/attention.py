@@ -67,8 +67,13 @@ class AttentionController:
         """Whether the ``kind`` ("cross" or "self") layer at ``size`` is computed explicitly."""
         return False
 
-    def __call__(self, kind: str, size: Size, probs: torch.Tensor) -> torch.Tensor | None:
-        """See ``probs`` of shape ``(batch, heads, queries, keys)``; return replacements or None."""
+    def __call__(self, kind: str, size: Size, probs: torch.Tensor, queries: slice) -> torch.Tensor | None:
+        """See the probabilities of query rows ``queries``; return replacements or None.
+
+        ``probs`` has shape ``(batch, heads, rows, keys)``. A layer's probabilities come in
+        consecutive slices of query rows (see :class:`ExplicitAttnProcessor`): the first has
+        ``queries.start == 0`` and together they cover every query position once.
+        """
         return None
 
 
@@ -89,6 +94,11 @@ class ExplicitAttnProcessor:
     Otherwise the layer's original processor runs unchanged, so unrecorded layers cost
     what they cost before (explicit self-attention at high resolution is several times
     slower than SDPA on CPU).
+
+    Explicit probabilities are computed a slice of query rows at a time, each slice no larger
+    than the layer's input activations: SDPA never materialises them, and a whole map
+    (batch × heads × 4096 queries × 77 tokens at SD's finest level) is several times the
+    activations of the layer, the cost that dominated recording's peak memory.
     """
 
     def __init__(self, controller: AttentionController, original) -> None:
@@ -130,20 +140,24 @@ class ExplicitAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        # In-place where possible: explicit probabilities are the one extra buffer this layer needs.
-        scores = torch.matmul(query, key.transpose(-1, -2)).mul_(attn.scale)
+        queries, keys = query.shape[2], key.shape[2]
         if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-            scores += mask.view(batch, attn.heads, -1, mask.shape[-1])
-        # Softmax in float32: half-precision probabilities lose the small values maps are made of.
-        probs = scores.float().softmax(dim=-1)
-        del scores
-        replaced = self.controller(kind, size, probs)
-        if replaced is not None:
-            probs = replaced
-
-        hidden_states = torch.matmul(probs.to(value.dtype), value)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+            attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        rows = max(1, hidden_states.numel() // (batch * attn.heads * keys))
+        out = value.new_empty(batch, attn.heads, queries, head_dim)
+        for start in range(0, queries, rows):
+            chunk = slice(start, min(start + rows, queries))
+            scores = torch.matmul(query[:, :, chunk], key.transpose(-1, -2)).mul_(attn.scale)
+            if attention_mask is not None:
+                scores += attention_mask[:, :, chunk] if attention_mask.shape[2] > 1 else attention_mask
+            # Softmax in float32: half-precision probabilities lose the small values maps are made of.
+            probs = _softmax_(scores.float())
+            replaced = self.controller(kind, size, probs, chunk)
+            if replaced is not None:
+                probs = replaced
+            out[:, :, chunk] = torch.matmul(probs.to(value.dtype), value)
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if input_ndim == 4:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
@@ -152,12 +166,22 @@ class ExplicitAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def _softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, in place: no second buffer of the probabilities' size."""
+    scores -= scores.amax(dim=-1, keepdim=True)
+    scores.exp_()
+    return scores.div_(scores.sum(dim=-1, keepdim=True))
+
+
 @contextmanager
 def attention_control(unet: torch.nn.Module, controller: AttentionController) -> Iterator[AttentionController]:
     """Install ``controller`` on every attention layer of ``unet`` inside the ``with`` block."""
-    originals = dict(unet.attn_processors)
-    # set_attn_processor pops entries from the dict it is given: always pass a fresh one.
-    unet.set_attn_processor({name: ExplicitAttnProcessor(controller, proc) for name, proc in originals.items()})
+    # Direct processor swaps on the attention modules: ``unet.attn_processors`` and
+    # ``set_attn_processor`` rebuild name dicts by recursion, milliseconds per call on SD's UNet.
+    layers = [module for module in unet.modules() if hasattr(module, "set_processor")]
+    originals = [layer.processor for layer in layers]
+    for layer, original in zip(layers, originals):
+        layer.set_processor(ExplicitAttnProcessor(controller, original))
 
     def on_unet_call(module, args, kwargs):
         controller.begin_unet_call(args[0] if args else kwargs["sample"])
@@ -167,7 +191,8 @@ def attention_control(unet: torch.nn.Module, controller: AttentionController) ->
         yield controller
     finally:
         handle.remove()
-        unet.set_attn_processor(dict(originals))
+        for layer, original in zip(layers, originals):
+            layer.set_processor(original)
 
 
 class AttentionStore(AttentionController):
@@ -226,8 +251,9 @@ class AttentionStore(AttentionController):
             f"for nor twice that (classifier-free guidance)"
         )
 
-    def __call__(self, kind: str, size: Size, probs: torch.Tensor) -> None:
-        probs = self.conditional(probs).mean(dim=1)  # average over heads: (images, queries, keys)
+    def __call__(self, kind: str, size: Size, probs: torch.Tensor, queries: slice) -> None:
+        probs = self.conditional(probs).mean(dim=1)  # average over heads: (images, rows, keys)
+        first_slice = queries.start == 0  # a layer's first slice counts the layer once
         if kind == "cross":
             weights = self.token_weights
             if weights.shape[1] != probs.shape[-1]:
@@ -235,13 +261,18 @@ class AttentionStore(AttentionController):
                     f"the text embeddings have {probs.shape[-1]} tokens but the class words were looked up in "
                     f"{weights.shape[1]}; pass the prompt as text, not as prompt_embeds of another length"
                 )
-            words = torch.bmm(probs, weights.to(probs)).transpose(1, 2)  # (images, words, queries)
-            self.cross_sums[size] = self.cross_sums.get(size, 0) + words
-            self.cross_counts[size] = self.cross_counts.get(size, 0) + 1
+            words = torch.bmm(probs, weights.to(probs)).transpose(1, 2)  # (images, words, rows)
+            if size not in self.cross_sums:
+                self.cross_sums[size] = words.new_zeros(*words.shape[:2], size[0] * size[1])
+                self.cross_counts[size] = 0
+            self.cross_sums[size][..., queries] += words
+            self.cross_counts[size] += first_slice
         else:
-            self.self_sum = probs if self.self_sum is None else self.self_sum + probs
-            self.self_count += 1
-            self.self_size = size
+            if self.self_sum is None:
+                self.self_sum = probs.new_zeros(probs.shape[0], probs.shape[-1], probs.shape[-1])
+                self.self_size = size
+            self.self_sum[:, queries] += probs
+            self.self_count += first_slice
         return None
 
     def cross_attention(self) -> dict[Size, torch.Tensor]:
@@ -254,7 +285,6 @@ class AttentionStore(AttentionController):
     def self_attention(self) -> torch.Tensor | None:
         """Mean self-attention ``(images, h·w, h·w)`` at :attr:`self_size`, or None if none was recorded."""
         return None if self.self_sum is None else self.self_sum / self.self_count
-
 
     def refine(self, maps: torch.Tensor, iterations: int = 1) -> torch.Tensor:
         """``maps`` propagated along the recorded self-attention (see :func:`diffuseg.masks.refine_with_self_attention`).

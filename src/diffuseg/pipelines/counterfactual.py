@@ -130,7 +130,7 @@ class CounterfactualAttention(AttentionStore):
     def wants(self, kind: str, size: Size) -> bool:
         return super().wants(kind, size) or self.injects(kind, size)
 
-    def __call__(self, kind: str, size: Size, probs: torch.Tensor) -> torch.Tensor | None:
+    def __call__(self, kind: str, size: Size, probs: torch.Tensor, queries: slice) -> torch.Tensor | None:
         images = self.num_images
         if probs.shape[0] not in (2 * images, 4 * images):
             raise ValueError(
@@ -140,7 +140,7 @@ class CounterfactualAttention(AttentionStore):
         # (guidance halves, [positive, counterfactual], images, heads, queries, keys)
         pairs = probs.view(-1, 2, images, *probs.shape[1:])
         if super().wants(kind, size):
-            super().__call__(kind, size, pairs[-1, 0])
+            super().__call__(kind, size, pairs[-1, 0], queries)
         if not self.injects(kind, size):
             return None
         positive, counterfactual = pairs[:, 0], pairs[:, 1]
@@ -492,17 +492,9 @@ def generate_samples(pipe: CounterfactualPipeline, requests, config) -> list[dic
         class_names=[r.words for r in requests],
         height=config.height,
         width=config.width,
-        num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale,
-        negative_prompt=config.negative_prompt,
-        # CPU generators: the same latents on any device, so a sample's seed regenerates it anywhere.
-        generator=[torch.Generator().manual_seed(r.seed) for r in requests],
-        output_type="np",
         resolutions=config.resolutions,
-        threshold=config.threshold,
-        ignore_band=config.ignore_band,
-        refine=config.refine,
-        min_component_area=config.min_component_area,
+        output_type="np",
+        **config.pipeline_kwargs(requests),
     )
     return [
         {"image": image, "negative_image": negative, "label": remap_label(mask, r.class_ids)}

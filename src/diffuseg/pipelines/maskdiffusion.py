@@ -82,8 +82,8 @@ class _StoreSwitch(AttentionController):
     def wants(self, kind: str, size: tuple[int, int]) -> bool:
         return self.store is not None and self.store.wants(kind, size)
 
-    def __call__(self, kind: str, size: tuple[int, int], probs: torch.Tensor) -> None:
-        return self.store(kind, size, probs)
+    def __call__(self, kind: str, size: tuple[int, int], probs: torch.Tensor, queries: slice) -> None:
+        return self.store(kind, size, probs, queries)
 
 
 class MaskDiffusionSegPipeline(StableDiffusionPipeline):
