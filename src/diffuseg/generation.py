@@ -572,24 +572,14 @@ def _load_diffumask(config: GenerationConfig, device, dtype):
 
 
 def _generate_diffumask(pipe, requests: Sequence[SampleRequest], config: GenerationConfig) -> list[dict]:
-    import torch
-
-    # CPU generators: the same latents on any device, so a sample's seed regenerates it anywhere.
     out = pipe(
         [r.prompt for r in requests],
         class_names=[r.words for r in requests],
         height=config.height,
         width=config.width,
-        num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale,
-        negative_prompt=[config.negative_prompt] * len(requests) if config.negative_prompt else None,
-        generator=[torch.Generator().manual_seed(r.seed) for r in requests],
-        output_type="np",
         resolutions=config.resolutions,
-        threshold=config.threshold,
-        ignore_band=config.ignore_band,
-        refine=config.refine,
-        min_component_area=config.min_component_area,
+        output_type="np",
+        **config.pipeline_kwargs(requests),
     )
     images = to_uint8(np.asarray(out.images))
     return [
@@ -822,6 +812,22 @@ class GenerationConfig:
         if self.prompt_model is not None:
             values["prompt_model"] = os.path.basename(os.path.normpath(self.prompt_model))
         return json.loads(json.dumps(values))
+
+    def pipeline_kwargs(self, requests: Sequence[SampleRequest]) -> dict[str, Any]:
+        """The sampling and mask arguments every registered pipeline takes, for one call on ``requests``."""
+        import torch
+
+        return dict(
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            negative_prompt=self.negative_prompt,
+            # CPU generators: the same latents on any device, so a sample's seed regenerates it anywhere.
+            generator=[torch.Generator().manual_seed(r.seed) for r in requests],
+            threshold=self.threshold,
+            ignore_band=self.ignore_band,
+            refine=self.refine,
+            min_component_area=self.min_component_area,
+        )
 
     def prompter_templates(self) -> tuple[str, ...]:
         return tuple(self.templates or self.classes.templates or DEFAULT_TEMPLATES)

@@ -1034,17 +1034,8 @@ def generate_samples(pipe: FreeMaskEditPipeline, requests, config) -> list[dict]
         config.height or pipe.unet.config.sample_size * pipe.vae_scale_factor,
         config.width or pipe.unet.config.sample_size * pipe.vae_scale_factor,
     )
-    # CPU generators: a sample's seed regenerates it on any device.
-    generators = [torch.Generator().manual_seed(r.seed) for r in requests]
-    common = dict(
-        num_inference_steps=config.num_inference_steps,
-        guidance_scale=config.guidance_scale,
-        negative_prompt=config.negative_prompt,
-        threshold=config.threshold,
-        ignore_band=config.ignore_band,
-        refine=config.refine,
-        min_component_area=config.min_component_area,
-    )
+    common = config.pipeline_kwargs(requests)
+    generators = common.pop("generator")
     images, labels = pipe.render_base(
         [r.prompt for r in requests], [list(r.words) for r in requests], [list(r.class_ids) for r in requests],
         size, generator=generators, **common,
