@@ -9,25 +9,11 @@ best 30% kept when ``--agreement-model`` is given); 1000 prompts per class by de
 
 import sys
 
+from voc_diffumask import SETTINGS as VOC_SETTINGS  # this folder is on sys.path when a script in it runs
+
 from diffuseg.generation import run_dataset_script
 
-SETTINGS = {
-    "out": "coco-diffumask",
-    "classes": "coco80",
-    "images_per_class": 1000,
-    "pipeline": "diffumask",
-    "model": "CompVis/stable-diffusion-v1-4",
-    "height": 512,
-    "width": 512,
-    "num_inference_steps": 50,
-    "guidance_scale": 7.0,
-    "resolutions": (16, 32, 64),
-    "threshold": "adaptive",
-    "refine": True,
-    "min_component_area": 1500,
-    "agreement_keep": 0.3,
-    "seed": 0,
-}
+SETTINGS = {**VOC_SETTINGS, "out": "coco-diffumask", "classes": "coco80", "images_per_class": 1000}
 
 if __name__ == "__main__":
     sys.exit(run_dataset_script(SETTINGS, __doc__))

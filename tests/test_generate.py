@@ -404,12 +404,17 @@ def test_push_plan_and_folder_checks(reference, tmp_path, capsys):
 # ----------------------------------------------------------------------------- dataset scripts
 def load_script(name):
     import importlib.util
+    import sys
     from pathlib import Path
 
-    path = Path(__file__).parent.parent / "dataset_scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
+    folder = Path(__file__).parent.parent / "dataset_scripts"
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(folder))  # as when the script runs: its folder comes first on sys.path
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
     return module
 
 

@@ -572,15 +572,7 @@ def _load_diffumask(config: GenerationConfig, device, dtype):
 
 
 def _generate_diffumask(pipe, requests: Sequence[SampleRequest], config: GenerationConfig) -> list[dict]:
-    out = pipe(
-        [r.prompt for r in requests],
-        class_names=[r.words for r in requests],
-        height=config.height,
-        width=config.width,
-        resolutions=config.resolutions,
-        output_type="np",
-        **config.pipeline_kwargs(requests),
-    )
+    out = pipe(**config.text_to_image_kwargs(requests))
     images = to_uint8(np.asarray(out.images))
     return [
         {"image": image, "label": remap_label(mask, r.class_ids)}
@@ -827,6 +819,18 @@ class GenerationConfig:
             ignore_band=self.ignore_band,
             refine=self.refine,
             min_component_area=self.min_component_area,
+        )
+
+    def text_to_image_kwargs(self, requests: Sequence[SampleRequest]) -> dict[str, Any]:
+        """A whole DiffuMask-style call on ``requests``: prompts, class words, size, maps and :meth:`pipeline_kwargs`."""
+        return dict(
+            prompt=[r.prompt for r in requests],
+            class_names=[r.words for r in requests],
+            height=self.height,
+            width=self.width,
+            resolutions=self.resolutions,
+            output_type="np",
+            **self.pipeline_kwargs(requests),
         )
 
     def prompter_templates(self) -> tuple[str, ...]:

@@ -487,15 +487,7 @@ def generate_samples(pipe: CounterfactualPipeline, requests, config) -> list[dic
     """
     from diffuseg.generation import remap_label, to_uint8
 
-    out = pipe(
-        [r.prompt for r in requests],
-        class_names=[r.words for r in requests],
-        height=config.height,
-        width=config.width,
-        resolutions=config.resolutions,
-        output_type="np",
-        **config.pipeline_kwargs(requests),
-    )
+    out = pipe(**config.text_to_image_kwargs(requests))
     return [
         {"image": image, "negative_image": negative, "label": remap_label(mask, r.class_ids)}
         for image, negative, mask, r in zip(to_uint8(out.images), to_uint8(out.negative_images), out.masks, requests)
