@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffuseg.commands import comma_separated_ints
+
 DESCRIPTION = """\
 Generate a synthetic semantic-segmentation dataset with a text-to-image pipeline and write it
 in the Hugging Face Hub layout (data/train-*.parquet, id2label.json, README.md card), ready for
@@ -39,13 +41,6 @@ def _threshold(value: str) -> str | float:
         if value not in ("otsu", "adaptive"):
             raise argparse.ArgumentTypeError(f"expected otsu, adaptive or a number, got {value!r}") from None
         return value
-
-
-def _heights(value: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 16,32,64, got {value!r}") from None
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -83,7 +78,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
     gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
     gen.add_argument("--negative-prompt", help="negative prompt for every image")
-    gen.add_argument("--resolutions", type=_heights, metavar="H,H,...",
+    gen.add_argument("--resolutions", type=comma_separated_ints, metavar="H,H,...",
                      help="heights of the cross-attention maps to average, e.g. 16,32,64 for SD at 512 (default: all)")
     gen.add_argument("--threshold", type=_threshold, default="otsu", metavar="METHOD",
                      help="mask threshold: otsu, adaptive (DiffuMask) or a number in [0, 1] (default: otsu)")

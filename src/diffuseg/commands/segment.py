@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from diffuseg.commands import comma_separated_ints
+
 DESCRIPTION = """\
 Segment images into the named classes with a frozen text-to-image diffusion model, without any
 training (MaskDiffusion): one UNet pass per image with the class names as the prompt; each pixel
@@ -44,13 +46,6 @@ def _clusters(value: str) -> int | None:
     return k
 
 
-def _timesteps(value: str) -> list[int]:
-    try:
-        return [int(t) for t in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "segment",
@@ -71,7 +66,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="pixels whose best class score (cosine similarity, -1..1) is below S become background")
     parser.add_argument("--clusters", type=_clusters, metavar="K|auto", default=False,
                         help="unsupervised mode (no --classes): k-means into K clusters, or 'auto' to choose K")
-    parser.add_argument("--timesteps", type=_timesteps, default=None, metavar="T[,T...]",
+    parser.add_argument("--timesteps", type=comma_separated_ints, default=None, metavar="T[,T...]",
                         help="noise level(s) of the latent, 0..999; several are averaged (default: 50)")
     parser.add_argument("--noise-draws", type=int, default=1, metavar="N",
                         help="noise draws per timestep, averaged (default: 1)")

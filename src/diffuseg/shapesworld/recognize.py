@@ -27,6 +27,8 @@ MAX_COLOR_DISTANCE = 110.0
 MIN_AREA_FRACTION = 0.01
 """Colour regions smaller than this fraction of the image are noise, not objects."""
 
+_OPENING = np.ones((3, 3), dtype=bool)
+
 # rotational symmetry of each shape: rotations are searched within one period
 _PERIOD = {"circle": 0.0, "ring": 0.0, "square": np.pi / 2, "cross": np.pi / 2, "triangle": 2 * np.pi / 3,
            "star": 2 * np.pi / 5}
@@ -57,8 +59,10 @@ def color_regions(
 ) -> dict[str, np.ndarray]:
     """Boolean mask per palette colour present in ``image`` (uint8 H×W×3): saturated pixels, nearest colour.
 
-    Each mask keeps only its connected components of at least ``min_area_fraction`` of the
-    image (an occluded object may be split in two; specks and edge blends go).
+    Each mask is opened with a 3×3 square, so bands under 3 px wide go: where two objects
+    meet, a decoder's soft edge blends their colours into a third (red and yellow make an
+    orange seam), which is not an object. Then only connected components of at least
+    ``min_area_fraction`` of the image stay (an occluded object may be split in two).
     """
     rgb = image.astype(np.float64)
     chroma = rgb.max(-1) - rgb.min(-1)
@@ -69,7 +73,7 @@ def color_regions(
     min_area = min_area_fraction * image.shape[0] * image.shape[1]
     regions = {}
     for index, color in enumerate(colors):
-        mask = named & (nearest == index)
+        mask = ndimage.binary_opening(named & (nearest == index), structure=_OPENING)
         if mask.sum() < min_area:
             continue
         components, count = ndimage.label(mask)
