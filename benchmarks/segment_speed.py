@@ -73,7 +73,7 @@ def load(model: str | None, device: str, dtype: torch.dtype) -> tuple[MaskDiffus
             pipe = tiny_stable_diffusion(pipeline_class=MaskDiffusionSegPipeline, block_out_channels=(64, 128))
             return cast(pipe, device, dtype), "tiny random SD (UNet 64/128, VAE /2)"
         model = "shapesworld"
-    pipe = load_pipeline(MaskDiffusionSegPipeline, model, torch_dtype=dtype, device=device)
+    pipe = load_pipeline(MaskDiffusionSegPipeline, model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, model
 

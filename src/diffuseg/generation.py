@@ -566,7 +566,7 @@ def _load_diffumask(config: GenerationConfig, device, dtype):
     from diffuseg.models import load_pipeline
     from diffuseg.pipelines import DiffuMaskPipeline
 
-    pipe = load_pipeline(DiffuMaskPipeline, config.model, torch_dtype=dtype, device=device)
+    pipe = load_pipeline(DiffuMaskPipeline, config.model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -44,7 +44,7 @@ def resolve_model(model: str | os.PathLike | None = None) -> str:
     return model  # a Hub id: from_pretrained resolves it (from the cache when offline)
 
 
-def load_pipeline(pipeline_class, model: str | os.PathLike | None = None, *, torch_dtype=None, device=None, **kwargs):
+def load_pipeline(pipeline_class, model: str | os.PathLike | None = None, *, dtype=None, device=None, **kwargs):
     """``pipeline_class.from_pretrained`` of the resolved ``model``, safetensors only.
 
     Safety checker and feature extractor are dropped: the outputs are training data, and
@@ -53,7 +53,7 @@ def load_pipeline(pipeline_class, model: str | os.PathLike | None = None, *, tor
     kwargs.setdefault("safety_checker", None)
     kwargs.setdefault("requires_safety_checker", False)
     pipe = pipeline_class.from_pretrained(
-        resolve_model(model), torch_dtype=torch_dtype or torch.float32, use_safetensors=True, **kwargs
+        resolve_model(model), dtype=dtype or torch.float32, use_safetensors=True, **kwargs
     )
     if device is not None:
         pipe.to(device)

@@ -474,7 +474,7 @@ def load_for_generation(config, device, dtype) -> CounterfactualPipeline:
     """The registry's loader: ``config.model`` as a :class:`CounterfactualPipeline`, safetensors only."""
     from diffuseg.models import load_pipeline
 
-    pipe = load_pipeline(CounterfactualPipeline, config.model, torch_dtype=dtype, device=device)
+    pipe = load_pipeline(CounterfactualPipeline, config.model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

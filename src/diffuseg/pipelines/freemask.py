@@ -1015,7 +1015,7 @@ def load_for_generation(config, device, dtype) -> FreeMaskEditPipeline:
     """The registry's loader: ``config.model`` as a :class:`FreeMaskEditPipeline`, safetensors only."""
     from diffuseg.models import load_pipeline
 
-    pipe = load_pipeline(FreeMaskEditPipeline, config.model, torch_dtype=dtype, device=device)
+    pipe = load_pipeline(FreeMaskEditPipeline, config.model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

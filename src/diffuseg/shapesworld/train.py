@@ -425,7 +425,7 @@ class Trainer:
 
         saved = json.loads((folder / "training_state.json").read_text())
         pipe = StableDiffusionPipeline.from_pretrained(
-            folder, torch_dtype=torch.float32, use_safetensors=True, safety_checker=None, requires_safety_checker=False
+            folder, dtype=torch.float32, use_safetensors=True, safety_checker=None, requires_safety_checker=False
         )
         self.vae.load_state_dict(pipe.vae.state_dict())
         self.vae.register_to_config(scaling_factor=pipe.vae.config.scaling_factor)
