@@ -102,6 +102,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     caption_dropout: float = 0.1
+    context_dropout: float = 0.5
     min_snr_gamma: float | None = 5.0
     ema_decay: float = 0.999
     max_steps: int = 30000
@@ -621,6 +622,17 @@ class Trainer:
             for group in self.opt.param_groups:
                 group["lr"] = self.learning_rate(step)
             hidden = self.text_encoder(ids)[0]
+            hide = torch.rand(len(index), generator=g) < config.context_dropout
+            if hide.any():
+                # The end-of-text token and the padding after it see the whole caption (the text encoder is
+                # causal): the UNet can draw every object from them, and then the words' attention marks the
+                # background, not their objects (measured at step 3454: 8² maps of every word correlated
+                # -0.85 with the object, of the first pads +0.87). For this share of the batch they are the
+                # empty caption's, so the words must carry their objects, as in Stable Diffusion.
+                end_of_text = (ids == self.tokenizer.eos_token_id).int().argmax(dim=1, keepdim=True)
+                after_text = torch.arange(ids.shape[1], device=ids.device)[None] >= end_of_text
+                empty_hidden = self.text_encoder(empty_ids[None].to(ids.device))[0]
+                hidden = torch.where((after_text & hide[:, None].to(ids.device))[..., None], empty_hidden, hidden)
             pred = self.unet(noisy, timesteps, hidden).sample
             if config.min_snr_gamma:
                 # min-SNR-γ weighting (Hang et al. 2023): easy low-noise steps stop dominating, which
@@ -716,7 +728,7 @@ image = pipe("a red circle and a blue square", num_inference_steps=25, guidance_
 | VAE | `AutoencoderKL` {list(config.vae_channels)}, {config.image_size}² → {config.image_size // 2 ** (len(config.vae_channels) - 1)}²×4, L1+L2+{config.vae_kl_weight:g}·KL, {state.get('vae_step')} steps, PSNR {psnr_text}, scaling factor {state.get('scaling_factor')} |
 | text encoder | `CLIPTextModel`, width {config.text_width}, {config.text_layers} layers; CLIP BPE tokenizer of the world's words, max length {config.max_length} |
 | UNet | `UNet2DConditionModel` {list(config.unet_channels)}, {config.unet_layers_per_block} layer(s) per block, cross-attention at every resolution |
-| objective | DDPM ε-prediction, 1000 steps, scaled-linear betas 0.00085–0.012, min-SNR-γ weighting γ={config.min_snr_gamma}; caption dropout {config.caption_dropout}; EMA {config.ema_decay} |
+| objective | DDPM ε-prediction, 1000 steps, scaled-linear betas 0.00085–0.012, min-SNR-γ weighting γ={config.min_snr_gamma}; caption dropout {config.caption_dropout}; end-of-text and padding replaced by the empty caption's for a share {config.context_dropout} of each batch (so the words, not the padding, carry the objects); EMA {config.ema_decay} |
 | optimisation | AdamW lr {config.lr}, batch {config.batch}, warm-up {config.warmup_steps}, grad-norm clip {config.max_grad_norm} |
 | curriculum | single objects for {config.single_only_steps} steps, then pairs ramped to {config.max_pair_fraction:.0%} over {config.pair_ramp_steps} steps; radius {config.radius_px[0]:g}–{config.radius_px[1]:g} px |
 | progress | **{state.get('step')} UNet steps** of {config.max_steps}; recent loss {loss_text}; {state.get('train_seconds', 0) / 3600:.2f} h wall-clock in training steps (shared CPU) |
