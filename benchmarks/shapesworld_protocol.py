@@ -50,6 +50,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from diffuseg.shapesworld import ModelWorld, model_world
+
 PIPELINES = ("diffumask", "freemask", "counterfactual")
 PIPELINE_TITLES = {"diffumask": "DiffuMask", "freemask": "Free-Mask", "counterfactual": "Counterfactual"}
 MASKDIFFUSION_MODES = {
@@ -120,17 +122,6 @@ class Settings:
     """The ``--model`` the snapshot was taken from."""
 
 
-@dataclass(frozen=True)
-class World:
-    """What the model was trained on (its ``training_state.json``), and its training step."""
-
-    shapes: tuple[str, ...]
-    colors: tuple[str, ...]
-    image_size: int
-    unet_step: int | None = None
-    vae_psnr: float | None = None
-
-
 @dataclass
 class Stage:
     """One command of the protocol.
@@ -163,21 +154,6 @@ class Record:
 
 # =====================================================================================
 # the model snapshot
-
-
-def read_world(model_dir: Path) -> World:
-    """The ShapesWorld settings of a pipeline folder (the renderer's defaults without a training_state.json)."""
-    from diffuseg.shapesworld.render import DEFAULT_COLORS, DEFAULT_SHAPES
-
-    path = model_dir / "training_state.json"
-    if not path.is_file():
-        return World(DEFAULT_SHAPES, DEFAULT_COLORS, 64)
-    saved = json.loads(path.read_text())
-    config, state = saved.get("config", {}), saved.get("state", {})
-    return World(
-        tuple(config.get("shapes", DEFAULT_SHAPES)), tuple(config.get("colors", DEFAULT_COLORS)),
-        int(config.get("image_size", 64)), state.get("step"), state.get("vae_psnr"),
-    )
 
 
 def folder_digest(folder: Path) -> str:
@@ -234,7 +210,7 @@ def display_argv(argv: Sequence[str]) -> str:
 class Plan:
     """The stages of a protocol run, built from its settings (pure: nothing runs here)."""
 
-    def __init__(self, settings: Settings, world: World, script_dir: Path | None = None) -> None:
+    def __init__(self, settings: Settings, world: ModelWorld, script_dir: Path | None = None) -> None:
         script_dir = script_dir or SCRIPT_DIR
         self.s, self.world = settings, world
         size = settings.size
@@ -804,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     copied = snapshot_model(args.model, work / "model")
     snapshot_seconds = time.perf_counter() - t0
-    world = read_world(work / "model")
+    world = model_world(work / "model")
     from diffuseg.generation import parse_classes
 
     preset = parse_classes("shapes").names

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -31,17 +30,11 @@ from diffuseg.commands import comma_separated_ints
 from diffuseg.models import load_pipeline, resolve_model
 from diffuseg.pipelines import DiffuMaskPipeline
 from diffuseg.shapesworld.recognize import prompt_fidelity, recognize
-from diffuseg.shapesworld.render import HELD_OUT_PAIRS, render, scene_from_seed
+from diffuseg.shapesworld.render import HELD_OUT_PAIRS, model_world, render, scene_from_seed
 from diffuseg.shapesworld.render import sample_seed as row_seed
 
 FIDELITY_BAR = 0.8
 IOU_BAR = 0.5
-
-
-def world_of(model_dir: str) -> tuple[tuple[str, ...], tuple[str, ...], int]:
-    """The shapes, colours and image size the model was trained on (from its training_state.json)."""
-    config = json.loads((Path(model_dir) / "training_state.json").read_text())["config"]
-    return tuple(config["shapes"]), tuple(config["colors"]), int(config["image_size"])
 
 
 def judge_renders(shapes, colors, n: int, size: int, vae) -> tuple[float, float]:
@@ -90,9 +83,9 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     model_dir = resolve_model(args.model)
-    shapes, colors, size = world_of(model_dir)
-    state = json.loads((Path(model_dir) / "training_state.json").read_text())["state"]
-    print(f"model: {model_dir} (UNet step {state['step']}, VAE PSNR {state['vae_psnr']:.1f} dB)")
+    world = model_world(model_dir)
+    shapes, colors, size = world.shapes, world.colors, world.image_size
+    print(f"model: {model_dir} (UNet step {world.unet_step}, VAE PSNR {world.vae_psnr:.1f} dB)")
     print(f"world: shapes {list(shapes)}, colours {list(colors)}; held-out pairs "
           f"{sorted(p for p in HELD_OUT_PAIRS if p[0] in colors and p[1] in shapes)}")
 

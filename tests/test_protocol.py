@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from diffuseg.shapesworld import ModelWorld
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -21,7 +23,7 @@ def _load_protocol():
 
 
 protocol = _load_protocol()
-WORLD = protocol.World(("circle", "square", "triangle"), ("red", "green", "blue"), 64, unet_step=1234, vae_psnr=26.0)
+WORLD = ModelWorld(("circle", "square", "triangle"), ("red", "green", "blue"), 64, unet_step=1234, vae_psnr=26.0)
 
 
 def _plan(tmp_path: Path, **changes) -> "protocol.Plan":

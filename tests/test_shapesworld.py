@@ -11,12 +11,14 @@ import torch
 
 from diffuseg.shapesworld import (
     COLORS,
+    DEFAULT_SHAPES,
     HELD_OUT_PAIRS,
     SHAPES,
     Background,
     Scene,
     ShapeSpec,
     iter_samples,
+    model_world,
     object_mask,
     render,
     sample_scene,
@@ -166,6 +168,9 @@ def test_training_script_micro_run_saves_a_loadable_pipeline_and_resumes(tmp_pat
     assert state["state"]["step"] == 4 and state["config"]["seed"] == 0
     assert (export / "tokenizer" / "vocab.json").is_file() and (export / "tokenizer" / "merges.txt").is_file()
     assert "4 UNet steps" in (export / "README.md").read_text()
+    world = model_world(export)
+    assert (world.shapes, world.unet_step) == (tuple(state["config"]["shapes"]), 4) and world.vae_psnr > 0
+    assert model_world(run).shapes == DEFAULT_SHAPES  # no training_state.json: the renderer's defaults
     assert json.loads((export / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"
     assert not list(export.rglob("*.bin")) and not list(run.rglob("*.bin")) and not list(run.rglob("*.pt"))
     with safe_open(export / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:

@@ -16,8 +16,10 @@ it, so every dataset sample is reproducible from its ``seed`` column alone
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -322,6 +324,31 @@ def world_words(shapes: Sequence[str] = SHAPES, colors: Sequence[str] = tuple(CO
     words.update(dict.fromkeys(colors))
     words.update(dict.fromkeys(shapes))
     return list(words)
+
+
+@dataclass(frozen=True)
+class ModelWorld:
+    """The world a ShapesWorld model was trained on, and how far it was trained."""
+
+    shapes: tuple[str, ...]
+    colors: tuple[str, ...]
+    image_size: int
+    unet_step: int | None = None
+    vae_psnr: float | None = None
+
+
+def model_world(model_dir: str | Path) -> ModelWorld:
+    """Read :class:`ModelWorld` from a pipeline folder's ``training_state.json`` (written by the
+    training script); a folder without one (not trained here) gets the renderer's defaults."""
+    path = Path(model_dir) / "training_state.json"
+    if not path.is_file():
+        return ModelWorld(DEFAULT_SHAPES, DEFAULT_COLORS, 64)
+    saved = json.loads(path.read_text())
+    config, state = saved.get("config", {}), saved.get("state", {})
+    return ModelWorld(
+        tuple(config.get("shapes", DEFAULT_SHAPES)), tuple(config.get("colors", DEFAULT_COLORS)),
+        int(config.get("image_size", 64)), state.get("step"), state.get("vae_psnr"),
+    )
 
 
 # ---------------------------------------------------------------------------------------
