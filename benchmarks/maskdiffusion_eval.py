@@ -73,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, help="score only the first N images")
     parser.add_argument("--background-prompt", default="background",
                         help="background word added to the prompt ('' for none) (default: background)")
+    parser.add_argument("--prompt", help="a prompt naming every class (and the background word) as a whole word "
+                        "(default: the class names joined by ' and ')")
     parser.add_argument("--background-threshold", type=float, help="score floor below which pixels are background")
     parser.add_argument("--clusters", type=parse_clusters, help="unsupervised mode: K, 'auto' or 'gt' clusters per image")
     parser.add_argument("--timesteps", default="50", help="comma-separated noise timesteps (default: 50)")
@@ -113,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 predictions.append(match_clusters(out.segmentation[0], label, unmatched=num_labels))
         else:
             out = pipe(
-                rows["image"], class_names, timesteps=timesteps, generator=generators,
+                rows["image"], class_names, prompt=args.prompt, timesteps=timesteps, generator=generators,
                 background_prompt=(args.background_prompt or None) if background_ids else None,
                 background_threshold=args.background_threshold if background_ids else None,
             )
@@ -126,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report = metrics_report(metrics, {i: id2label.get(i, str(i)) for i in range(num_labels)}, len(references))
     report.update(
         mode="unsupervised" if unsupervised else "open-vocabulary",
-        dataset=args.dataset, split=source.split, model=args.model, timesteps=timesteps,
+        dataset=args.dataset, split=source.split, model=args.model, prompt=args.prompt, timesteps=timesteps,
         background="ignored" if ignore_background else ("scored" if background_ids else "none"),
         clusters=args.clusters if unsupervised else None,
     )

@@ -55,10 +55,10 @@ from diffuseg.shapesworld import ModelWorld, model_world
 PIPELINES = ("diffumask", "freemask", "counterfactual")
 PIPELINE_TITLES = {"diffumask": "DiffuMask", "freemask": "Free-Mask", "counterfactual": "Counterfactual"}
 MASKDIFFUSION_MODES = {
-    # mode: (title, extra maskdiffusion_eval.py arguments)
-    "background": ("open vocabulary, background word", ["--background-prompt", "background"]),
-    "no-background": ("open vocabulary, background not scored", ["--background-prompt", ""]),
-    "clusters": ("unsupervised, k = labels in image, Hungarian", ["--clusters", "gt"]),
+    # mode: (title, background word; None: the unsupervised mode)
+    "background": ("open vocabulary, background word", "background"),
+    "no-background": ("open vocabulary, background not scored", ""),
+    "clusters": ("unsupervised, k = labels in image, Hungarian", None),
 }
 SYNTHETIC_OVER_REAL_BAR = 0.9
 UNSEEN_OVER_SEEN_BAR = 0.8
@@ -154,6 +154,17 @@ class Record:
 
 # =====================================================================================
 # the model snapshot
+
+
+def caption_naming(shapes: Sequence[str], background_word: str) -> str:
+    """A caption in the world's own grammar naming every shape (and the background word).
+
+    The small text encoder reads a word well only where captions put it: a bare "circle and
+    square" puts a shape right after the start token, where no training caption has one, and
+    that word's attention then marks everything but the circle.
+    """
+    caption = "a picture of " + " and ".join(f"a {shape}" for shape in shapes)
+    return f"{caption} on a {background_word}" if background_word else caption
 
 
 def folder_digest(folder: Path) -> str:
@@ -262,8 +273,12 @@ class Plan:
         self.test_run("nocf-real+counterfactual", [self.real, self.synth["counterfactual"]], counterfactual_weight=0.0)
 
         test_images = size.real_test_size if size.maskdiffusion_images is None else min(size.maskdiffusion_images, size.real_test_size)
-        for mode, (_, extra) in MASKDIFFUSION_MODES.items():
+        for mode, (_, background_word) in MASKDIFFUSION_MODES.items():
             report = work / "reports" / f"maskdiffusion-{mode}.json"
+            if background_word is None:
+                extra = ["--clusters", "gt"]
+            else:
+                extra = ["--background-prompt", background_word, "--prompt", caption_naming(world.shapes, background_word)]
             argv = [sys.executable, str(script_dir / "maskdiffusion_eval.py"), str(self.real), "--split", "test",
                     "--model", str(self.model), "--seed", str(settings.seed), "--output", str(report), *extra]
             if size.maskdiffusion_images is not None:
@@ -660,7 +675,8 @@ def render_results(plan: Plan, records: Mapping[str, Record], *, command: str, d
 
     add("## 6. MaskDiffusion, training-free\n")
     md_images = (results.get("maskdiffusion/background") or {}).get("num_images", "n/a")
-    add(f"Rendered test images ({md_images}); candidate classes: every shape. Without background handling the "
+    add(f"Rendered test images ({md_images}); candidate classes: every shape, named in one caption of the world's "
+        "own grammar (`--prompt`, in the commands below). Without background handling the "
         "reference background pixels are not scored (the paper's setting); unsupervised clusters are matched "
         "to each image's labels by the Hungarian algorithm.\n")
     table = []

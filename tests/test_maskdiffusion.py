@@ -186,6 +186,19 @@ def test_same_generator_same_result(pipe):
     assert not np.array_equal(a.scores, c.scores)
 
 
+def test_a_prompt_of_your_own_reads_each_class_at_its_own_tokens(pipe):
+    # the default prompt is the names joined by " and ": the same text given as a prompt is the same call
+    default = pipe(photo(), ["dog", "cat"], background_prompt="grass", generator=generator())
+    same = pipe(photo(), ["dog", "cat"], prompt="dog and cat and grass", background_prompt="grass", generator=generator())
+    assert np.array_equal(default.scores, same.scores)
+    # names listed in another order than the prompt's: each channel still follows its own word
+    swapped = pipe(photo(), ["cat", "dog"], prompt="dog and cat and grass", background_prompt="grass",
+                   generator=generator())
+    assert np.allclose(swapped.scores[:, [1, 0, 2]], default.scores, atol=1e-6)
+    captioned = pipe(photo(), ["dog", "cat"], prompt="a photo of a dog and a cat", generator=generator())
+    assert not np.allclose(captioned.scores, pipe(photo(), ["dog", "cat"], generator=generator()).scores)
+
+
 def test_rgba_l_and_16_bit_inputs(pipe, tmp_path):
     rgb = photo()
     alpha = np.linspace(0, 255, 32 * 32).reshape(32, 32).astype(np.uint8)
@@ -296,6 +309,7 @@ def test_class_names_split_over_prompts_when_they_exceed_the_token_limit():
         ([], dict(class_names=["dog"]), "no images given"),
         ("photo.png", dict(class_names=["dog"]), "PIL images, numpy arrays or torch tensors"),
         (None, dict(class_names=["dog"], num_clusters=3), "num_clusters is for the unsupervised mode"),
+        (None, dict(class_names=["dog", "cat"], prompt="a photo of a dog"), "class word 'cat' does not appear"),
         (None, dict(background_threshold=0.5), "background handling needs class_names"),
         (None, dict(class_names=["dog"], timesteps=1000), r"timesteps must be integers in \[0, 999\]"),
         (None, dict(class_names=["dog"], feature_blocks=[5]), "feature_blocks"),
@@ -382,6 +396,8 @@ def test_cli_writes_label_pngs_overlays_and_legend(tmp_path, model_folder):
         (["{image}", "--classes", "dog,cat,Dog"], "duplicate class names"),
         (["{image}"], "give --classes"),
         (["{image}", "--classes", "dog", "--clusters", "2"], "not both"),
+        (["{image}", "--classes", "dog,cat", "--prompt", "a dog"], "--prompt must name every class"),
+        (["{image}", "--clusters", "2", "--prompt", "a dog"], "need --classes"),
     ],
 )
 def test_cli_errors_are_one_clear_line(tmp_path, capsys, arguments, message):

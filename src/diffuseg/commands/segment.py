@@ -62,6 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="'shapesworld' (the embedded model), a local pipeline folder or a Hub id (default: shapesworld)")
     parser.add_argument("--background", metavar="WORD",
                         help="a background word added to the prompt as one more class, e.g. 'background'")
+    parser.add_argument("--prompt", metavar="TEXT",
+                        help="a caption naming every class (and the --background word) as a whole word, e.g. "
+                        "'a photo of a cat and a dog on a sofa' (default: the class names joined by ' and ')")
     parser.add_argument("--background-threshold", type=float, metavar="S",
                         help="pixels whose best class score (cosine similarity, -1..1) is below S become background")
     parser.add_argument("--clusters", type=_clusters, metavar="K|auto", default=False,
@@ -147,17 +150,21 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give --classes (e.g. --classes cat,dog,sofa), or --clusters K|auto for unsupervised clusters")
     if not unsupervised and args.clusters is not False:
         raise ValueError("--clusters is the unsupervised mode: use either --classes or --clusters, not both")
-    if unsupervised and (args.background or args.background_threshold is not None):
-        raise ValueError("--background and --background-threshold need --classes")
+    if unsupervised and (args.prompt or args.background or args.background_threshold is not None):
+        raise ValueError("--prompt, --background and --background-threshold need --classes")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
 
     from diffuseg.pipelines.maskdiffusion import MaskDiffusionSegPipeline
+    from diffuseg.tokens import find_word_spans
 
     if classes is not None:
         words = MaskDiffusionSegPipeline.check_class_names(classes, args.background)
         if len(words) > 255:
             raise ValueError(f"{len(words)} classes do not fit 8-bit label PNGs (at most 255)")
+        missing = [word for word in words if args.prompt is not None and not find_word_spans(args.prompt, word)]
+        if missing:
+            raise ValueError(f"--prompt must name every class (and the --background word); it lacks {', '.join(missing)}")
     paths = check_images(args.images)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -187,7 +194,8 @@ def run(args: argparse.Namespace) -> int:
     if unsupervised:
         options["num_clusters"] = args.clusters
     else:
-        options.update(background_prompt=args.background, background_threshold=args.background_threshold)
+        options.update(prompt=args.prompt, background_prompt=args.background,
+                       background_threshold=args.background_threshold)
     background = None if unsupervised or not (args.background or args.background_threshold is not None) else len(classes)
 
     out.mkdir(parents=True, exist_ok=True)

@@ -100,6 +100,7 @@ class MaskDiffusionSegPipeline(StableDiffusionPipeline):
         self,
         image,
         class_names: Sequence[str] | None = None,
+        prompt: str | None = None,
         background_prompt: str | None = None,
         background_threshold: float | None = None,
         timesteps: int | Sequence[int] = DEFAULT_TIMESTEP,
@@ -127,6 +128,11 @@ class MaskDiffusionSegPipeline(StableDiffusionPipeline):
             class_names: candidate classes; the prompt is these names joined by " and ". When
                 the names do not fit the text encoder's token limit, they are split over several
                 prompts (one UNet pass each). ``None``: unsupervised mode (k-means).
+            prompt: a prompt of your own that names every class (and the background word) as
+                a whole word, e.g. ``"a photo of a cat and a dog on the grass"`` for
+                ``["cat", "dog", "grass"]``: a model reads its words best in the kind of
+                caption it was trained on. Each name's attention is read at its own tokens.
+                Default: the names joined by " and ".
             background_prompt: a word for the background (e.g. ``"background"``), added to the
                 prompt as one more class. Its pixels get id ``len(class_names)``.
             background_threshold: pixels whose best class score (cosine similarity, in [-1, 1])
@@ -184,13 +190,17 @@ class MaskDiffusionSegPipeline(StableDiffusionPipeline):
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         generators = per_image_generators(generator, len(images))
 
-        # 1. The prompt(s): class names joined by " and ", encoded once for the whole call.
+        # 1. The prompt(s), encoded once for the whole call: the user's, or the class names
+        # joined by " and ", over several prompts when they do not fit the text encoder.
+        if prompt is None:
+            texts = [(PROMPT_SEPARATOR.join(chunk), chunk) for chunk in prompt_chunks(self.tokenizer, words)]
+        else:
+            texts = [(prompt, words)]
         device = self._execution_device
         prompts = []
-        for chunk in prompt_chunks(self.tokenizer, words):
-            embeds, _ = self.encode_prompt(PROMPT_SEPARATOR.join(chunk), device, 1, False)
-            weights = token_weights(self.tokenizer, [PROMPT_SEPARATOR.join(chunk)], [chunk]) if chunk else None
-            prompts.append((embeds, weights))
+        for text, chunk in texts:
+            weights = token_weights(self.tokenizer, [text], [chunk]) if chunk else None
+            prompts.append((self.encode_prompt(text, device, 1, False)[0], weights))
 
         # 2. Images of one processed size form batches; each batch is covered by windows.
         sizes = [self.processed_size(tuple(img.shape[-2:]), max_side) for img in images]
