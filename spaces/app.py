@@ -62,7 +62,7 @@ class Recipe:
     diffumask: list[list]  # [prompt, class words]
     freemask: list[list]  # [base prompt, base class words, objects]
     counterfactual: list[list]  # [prompt, class words, replacement]
-    maskdiffusion: list[str]  # class names, one example per rendered scene
+    maskdiffusion: list[list[str]]  # [class names, caption naming them ("" for the names joined by " and ")]
 
 
 SHAPES_RECIPE = Recipe(
@@ -74,7 +74,10 @@ SHAPES_RECIPE = Recipe(
               ["a green triangle", "triangle", "circle: a yellow circle\nsquare: an orange square"]],
     counterfactual=[["a red circle and a blue square", "circle", "nothing"],
                     ["a green triangle", "triangle", "nothing"]],
-    maskdiffusion=["circle, square, triangle", "circle, square, triangle, background"],
+    maskdiffusion=[["circle, square, triangle, background",
+                    "a picture of a circle and a square and a triangle on a background"],
+                   ["circle, square, triangle", "a picture of a circle and a square and a triangle"],
+                   ["circle, square, triangle, background", ""]],
 )
 PHOTO_RECIPE = Recipe(
     steps=30,
@@ -84,7 +87,7 @@ PHOTO_RECIPE = Recipe(
               ["a photo of a car on a road", "car", "dog: a photo of a dog\nbird: a photo of a bird"]],
     counterfactual=[["a photo of a dog on the grass", "dog", "nothing"],
                     ["a photo of a car on a road", "car", "empty road"]],
-    maskdiffusion=["circle, square, triangle", "circle, square, triangle, background"],
+    maskdiffusion=[["dog, cat, grass", "a photo of a dog and a cat on the grass"], ["dog, cat, background", ""]],
 )
 
 
@@ -286,15 +289,17 @@ def counterfactual_tab(pipes: Pipelines, prompt: str, words: str, replacement: s
         heatmap(out.difference_maps[0]), agreement
 
 
-def maskdiffusion_tab(pipes: Pipelines, image, words: str, size: int, seed: float):
-    """A real image and class names → segmentation overlay, per-class score maps and a score table."""
+def maskdiffusion_tab(pipes: Pipelines, image, words: str, caption: str, size: int, seed: float):
+    """A real image, class names and an optional caption naming them → segmentation overlay,
+    per-class score maps and a score table."""
     if image is None:
         raise ValueError("upload an image to segment")
     names = parse_words(words)
     background = BACKGROUND in names
     classes = [n for n in names if n != BACKGROUND]  # "background" becomes the pipeline's background prompt
     out = pipes.maskdiffusion(
-        image, classes, background_prompt=BACKGROUND if background else None, generator=seeded(seed),
+        image, classes, prompt=caption.strip() or None, background_prompt=BACKGROUND if background else None,
+        generator=seeded(seed),
         max_side=size,
     )
     segmentation, scores = np.asarray(out.segmentation[0]), np.asarray(out.scores[0])
@@ -512,17 +517,21 @@ def build_demo(
             with gr.Row():
                 with gr.Column():
                     md_image = image_box("Image to segment", "maskdiffusion-image", enlarge=True, value=examples_image)
-                    md_words = gr.Textbox(recipe.maskdiffusion[0], elem_id="maskdiffusion-words",
+                    md_words = gr.Textbox(recipe.maskdiffusion[0][0], elem_id="maskdiffusion-words",
                                           label="Class names (comma-separated; `background` adds a background class)")
+                    md_caption = gr.Textbox(recipe.maskdiffusion[0][1], elem_id="maskdiffusion-caption",
+                                            label="Caption naming every class (optional; empty: the names joined "
+                                                  "by 'and'). A model reads words best in captions like its own.")
                     md_run = gr.Button("Segment", variant="primary", elem_id="maskdiffusion-run")
-                    gr.Examples([[examples_image, words] for words in recipe.maskdiffusion], [md_image, md_words])
+                    gr.Examples([[examples_image, *example] for example in recipe.maskdiffusion],
+                                [md_image, md_words, md_caption])
                 with gr.Column():
                     md_annotated = annotated_box("Segmentation", "maskdiffusion-annotated")
                     md_table = gr.Dataframe(headers=["class", "pixels (%)", "mean score"], label="Per-class scores",
                                             elem_id="maskdiffusion-table")
             md_scores = gallery_box("Score maps (cosine similarity to each class prototype)", "maskdiffusion-scores")
             md_run.click(
-                with_model(maskdiffusion_tab), [model_box, md_image, md_words, size_box, seed_box],
+                with_model(maskdiffusion_tab), [model_box, md_image, md_words, md_caption, size_box, seed_box],
                 [md_annotated, md_scores, md_table], concurrency_id=MODEL_QUEUE,
             )
 

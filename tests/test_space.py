@@ -228,11 +228,13 @@ def test_counterfactual_tab(page, screenshot):
 
 
 def test_maskdiffusion_tab(page, screenshot):
-    """The pre-filled rendered scene + class names → segmentation overlay and one score row per class."""
+    """The pre-filled rendered scene, class names and caption → segmentation overlay and one score row per class."""
     open_tab(page, "MaskDiffusion")
     run(page, "#maskdiffusion-run", "#maskdiffusion-annotated img.base-image")
     assert_picture(fetch_image(page, "#maskdiffusion-annotated img.base-image"), (SIZE, SIZE))
     names = [w.strip() for w in page.input_value("#maskdiffusion-words textarea").split(",")]
+    caption = page.input_value("#maskdiffusion-caption textarea")
+    assert all(f" {name}" in caption for name in names), "the pre-filled caption names every class"
     table = page.locator("#maskdiffusion-table").inner_text()
     assert all(name in table for name in names)
     assert page.locator("#maskdiffusion-scores img").count() == len(names)
