@@ -95,6 +95,23 @@ def test_without_injection_the_counterfactual_is_plain_sd_of_the_replaced_prompt
     assert not np.allclose(injected.negative_images, out.negative_images, atol=1e-4)
 
 
+def test_remove_phrases_take_what_describes_the_object_with_it(pipe):
+    # "a red nothing" would still ask for something red: the phrase goes whole.
+    kwargs = dict(output_type="np", self_attention_fraction=0, cross_attention_fraction=0, **FAST)
+    prompts, seeds = ["a red car on the road", "a dog on the grass"], [generator(3), generator(4)]
+    out = pipe(prompts, class_names=[["car"], ["dog"]], remove_phrases=[["red car"], []], generator=seeds, **kwargs)
+    plain = StableDiffusionPipeline(**pipe.components)
+    plain.set_progress_bar_config(disable=True)
+    for i, replaced in enumerate(["a nothing on the road", "a nothing on the grass"]):
+        expected = plain(replaced, generator=generator(3 + i), output_type="np", **FAST).images
+        np.testing.assert_allclose(out.negative_images[i : i + 1], expected, atol=1e-4)
+    shared = pipe(prompts[0], class_names=["car"], remove_phrases=["red car"], generator=generator(3), **kwargs)
+    np.testing.assert_allclose(shared.negative_images, out.negative_images[:1], atol=1e-4)
+    # the positives and their masks do not depend on what the counterfactual removes
+    alone = pipe(prompts[0], class_names=["car"], generator=generator(3), **{**kwargs, "difference_weight": 0})
+    np.testing.assert_allclose(shared.images, alone.images, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- token replacement and alignment
 def test_replacement_of_multi_token_repeated_and_overlapping_words():
     tokenizer = build_clip_tokenizer()
@@ -242,6 +259,10 @@ def test_options_and_sd2_shape(pipe):
         (dict(fusion="max"), ValueError, "fusion must be one of"),
         (dict(height=36), ValueError, "multiples of 8"),
         (dict(class_names=[]), ValueError, "class_names is empty"),
+        (dict(class_names="dog"), TypeError, "class names must be a list, got the string 'dog'"),
+        (dict(remove_phrases=["brown dog"]), ClassWordNotFoundError, "'brown dog' does not appear in the prompt"),
+        (dict(remove_phrases="the dog"), TypeError, "phrases to remove must be a list"),
+        (dict(remove_phrases=[["dog"], ["dog"]]), ValueError, "got 1 prompts but 2 lists of phrases to remove"),
         (dict(prompt_embeds=torch.zeros(1, 77, 32)), ValueError, "needs the prompt as text"),
         (dict(latents=torch.zeros(2, 4, 16, 16)), ValueError, "latents must have shape \\(1, 4, 16, 16\\)"),
         (dict(generator=[generator(), generator()]), ValueError, "2 generators for 1 images"),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -25,6 +26,7 @@ from diffuseg.generation import (
     PRESETS,
     DescriptionPrompter,
     GenerationConfig,
+    SampleRequest,
     TemplatePrompter,
     WorkPlan,
     agreement_iou,
@@ -121,6 +123,13 @@ def test_presets_and_class_specs(tmp_path):
     assert voc.names[0] == "aeroplane" and "airplane" in voc.classes[0].words
     shapes = parse_classes("shapes")
     assert shapes.names == ["circle", "square", "triangle"] and shapes.templates
+    # counterfactuals of ShapesWorld prompts drop the colour with the shape, for the empty scene's word
+    request = SampleRequest(0, 0, "a picture of a red circle on a background", [1], ["circle"])
+    assert (shapes.object_phrases(request), shapes.absence) == (["red circle"], "background")
+    assert (voc.object_phrases(SampleRequest(0, 0, "a bird in the sky", [3], ["bird"])), voc.absence) == ([], "nothing")
+    config = GenerationConfig(out=str(tmp_path / "x"), classes=shapes, images_per_class=1, pipeline="counterfactual")
+    assert config.absence == config.fingerprint()["counterfactual_replacement"] == "background"
+    assert dataclasses.replace(config, counterfactual_replacement="void").fingerprint()["counterfactual_replacement"] == "void"
 
     listed = parse_classes("dog, cat=cat|kitten ,traffic light")
     assert listed.names == ["dog", "cat", "traffic light"] and listed.classes[1].words == ("cat", "kitten")

@@ -27,7 +27,8 @@ from diffuseg.shapesworld import (
     write_real_dataset,
 )
 from diffuseg.shapesworld.recognize import prompt_fidelity, recognize
-from diffuseg.shapesworld.render import _STAR, render_background
+from diffuseg.generation import SampleRequest
+from diffuseg.shapesworld.render import _STAR, CAPTION_TEMPLATES, EMPTY_SCENE_WORD, caption, render_background
 
 STAR_AREA = 0.5 * abs(np.dot(_STAR[:, 0], np.roll(_STAR[:, 1], -1)) - np.dot(_STAR[:, 1], np.roll(_STAR[:, 0], -1)))
 UNIT_AREAS = {  # area at radius 1, from the definitions in render.shape_mask
@@ -156,9 +157,35 @@ def _generate(pipe, size):
                 generator=generator, output_type="np").images
 
 
+def test_empty_scenes_are_captioned_as_counterfactual_prompts_read():
+    from transformers import CLIPTokenizer
+
+    from diffuseg.generation import TemplatePrompter, parse_classes
+    from diffuseg.models import EMBEDDED_MODELS
+    from diffuseg.tokens import replace_words
+
+    scene = sample_scene(np.random.default_rng(0), DEFAULT_SHAPES, tuple(COLORS), n_objects=0)
+    _, label = render(scene, 64, classes=DEFAULT_SHAPES)
+    assert not scene.objects and not label.any()
+    captions = {caption(scene, np.random.default_rng(seed)) for seed in range(60)}
+    assert captions == set(CAPTION_TEMPLATES[0]) and all(EMPTY_SCENE_WORD in c for c in captions)
+    # every word of them is one token of the shipped tokenizer: no new vocabulary was needed
+    tokenizer = CLIPTokenizer.from_pretrained(EMBEDDED_MODELS["shapesworld"] / "tokenizer")
+    for text in captions:
+        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) == len(text.split()), text
+    # the counterfactual of a generated ShapesWorld prompt is one of these captions
+    shapes = parse_classes("shapes")
+    prompter, rng = TemplatePrompter(shapes), np.random.default_rng(0)
+    for class_id in (1, 2, 3, 1, 2, 3):
+        prompt, words = prompter([class_id], rng)
+        phrases = shapes.object_phrases(SampleRequest(0, 0, prompt, [class_id], words))
+        assert replace_words(prompt, [*words, *phrases], shapes.absence) in captions, prompt
+
+
 def test_training_script_micro_run_saves_a_loadable_pipeline_and_resumes(tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     from diffuseg.shapesworld.train import main
 
@@ -178,6 +205,8 @@ def test_training_script_micro_run_saves_a_loadable_pipeline_and_resumes(tmp_pat
     logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert any(r.get("stage") == "unet" and "loss" in r for r in logged)
     assert any(r.get("stage") == "vae" and "psnr" in r for r in logged)
+    cache = load_file(run / "latent_cache.safetensors")
+    assert [int((cache["objects"] == n).sum()) for n in (0, 1, 2)] == [4, 16, 16]  # empty scenes, singles, pairs
 
     pipe = StableDiffusionPipeline.from_pretrained(export, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

@@ -185,15 +185,34 @@ _COCO_CLASSES: dict[str, tuple[str, tuple[str, ...]]] = {
 
 @dataclass(frozen=True)
 class ClassSet:
-    """Classes, plus the templates that suit them (``None``: :data:`DEFAULT_TEMPLATES`)."""
+    """Classes, plus the templates that suit them (``None``: :data:`DEFAULT_TEMPLATES`).
+
+    Attributes:
+        object_contexts: the classes' contexts describe the object itself (ShapesWorld's colours:
+            "a red circle"), not its surroundings, so a counterfactual removes them with the class word.
+        absence: what a counterfactual prompt says in place of a removed object: MagicSeg's
+            "nothing"; for ShapesWorld, the word its empty scenes are captioned with.
+    """
 
     classes: tuple[ClassSpec, ...]
     templates: tuple[str, ...] | None = None
     source: str = "list"
+    object_contexts: bool = False
+    absence: str = "nothing"
 
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.classes]
+
+    def object_phrases(self, request: SampleRequest) -> list[str]:
+        """What a counterfactual of ``request`` removes besides its class words: each word with its object context."""
+        from diffuseg.tokens import find_word_spans
+
+        if not self.object_contexts:
+            return []
+        phrases = (f"{context} {word}" for class_id, word in zip(request.class_ids, request.words)
+                   for context in self.classes[class_id - 1].contexts)
+        return [phrase for phrase in phrases if find_word_spans(request.prompt, phrase)]
 
 
 def _voc20() -> ClassSet:
@@ -208,12 +227,13 @@ def _coco80() -> ClassSet:
 
 def _shapes() -> ClassSet:
     # The embedded model knows ShapesWorld captions only: reuse their templates, with the
-    # colours as context words ("a picture of a red circle").
-    from diffuseg.shapesworld.render import CAPTION_TEMPLATES, DEFAULT_COLORS, DEFAULT_SHAPES
+    # colours as context words ("a picture of a red circle"), and its empty scenes' caption
+    # for counterfactuals ("a picture of a background").
+    from diffuseg.shapesworld.render import CAPTION_TEMPLATES, DEFAULT_COLORS, DEFAULT_SHAPES, EMPTY_SCENE_WORD
 
     classes = tuple(ClassSpec(shape, (), tuple(DEFAULT_COLORS)) for shape in DEFAULT_SHAPES)
     templates = tuple(t.replace("{0}", "{context} {class}") for t in CAPTION_TEMPLATES[1])
-    return ClassSet(classes, templates, source="shapes")
+    return ClassSet(classes, templates, source="shapes", object_contexts=True, absence=EMPTY_SCENE_WORD)
 
 
 PRESETS: dict[str, Callable[[], ClassSet]] = {"voc20": _voc20, "coco80": _coco80, "shapes": _shapes}
@@ -703,6 +723,8 @@ class GenerationConfig:
         templates: prompt templates (default: the class set's or :data:`DEFAULT_TEMPLATES`).
         prompt_model: local causal LM folder for MagicSeg-style descriptions.
         prompt_max_new_tokens: description length limit.
+        counterfactual_replacement: what counterfactual prompts say in place of their objects
+            (``None``: the class set's :attr:`ClassSet.absence`).
         two_class_fraction: share of prompts naming a second, random class.
         height, width, num_inference_steps, guidance_scale, negative_prompt: generation.
         resolutions, threshold, ignore_band, refine, min_component_area: mask extraction
@@ -729,6 +751,7 @@ class GenerationConfig:
     templates: tuple[str, ...] | None = None
     prompt_model: str | None = None
     prompt_max_new_tokens: int = 24
+    counterfactual_replacement: str | None = None
     two_class_fraction: float = 0.0
     height: int | None = None
     width: int | None = None
@@ -801,6 +824,8 @@ class GenerationConfig:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.RUNTIME_FIELDS}
         values["classes"] = [dataclasses.asdict(c) for c in self.classes.classes]
         values["templates"] = list(self.prompter_templates())
+        values["counterfactual_replacement"] = self.absence
+        values["object_contexts"] = self.classes.object_contexts
         if self.prompt_model is not None:
             values["prompt_model"] = os.path.basename(os.path.normpath(self.prompt_model))
         return json.loads(json.dumps(values))
@@ -832,6 +857,11 @@ class GenerationConfig:
             output_type="np",
             **self.pipeline_kwargs(requests),
         )
+
+    @property
+    def absence(self) -> str:
+        """What counterfactual prompts say in place of their objects."""
+        return self.classes.absence if self.counterfactual_replacement is None else self.counterfactual_replacement
 
     def prompter_templates(self) -> tuple[str, ...]:
         return tuple(self.templates or self.classes.templates or DEFAULT_TEMPLATES)

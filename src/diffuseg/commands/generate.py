@@ -69,6 +69,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          help="local causal language model (transformers) writing MagicSeg-style descriptions")
     prompts.add_argument("--prompt-max-new-tokens", type=int, default=24, metavar="N",
                          help="length limit of a description (default: 24)")
+    prompts.add_argument("--counterfactual-replacement", metavar="TEXT",
+                         help="--pipeline counterfactual: what the counterfactual prompt says in place of the objects "
+                         "(default: 'nothing', as in MagicSeg; for --classes shapes 'background', which the embedded "
+                         "model draws as an empty scene)")
     prompts.add_argument("--two-class-fraction", type=float, default=0.0, metavar="F",
                          help="share of prompts that also name a second, random class (default: 0)")
 
@@ -130,6 +134,7 @@ def config_from_args(args: argparse.Namespace):
         templates=read_templates(args.templates) if args.templates else None,
         prompt_model=args.prompt_model,
         prompt_max_new_tokens=args.prompt_max_new_tokens,
+        counterfactual_replacement=args.counterfactual_replacement,
         two_class_fraction=args.two_class_fraction,
         height=args.height,
         width=args.width,

@@ -33,7 +33,12 @@ from diffuseg.masks import (
     thresholds,
     upsample,
 )
-from diffuseg.pipelines.diffumask import MAX_SELF_ATTENTION_TOKENS, DiffuMaskPipeline, self_attention_height
+from diffuseg.pipelines.diffumask import (
+    MAX_SELF_ATTENTION_TOKENS,
+    DiffuMaskPipeline,
+    one_list_per_prompt,
+    self_attention_height,
+)
 from diffuseg.tokens import replace_words, replacement_token_alignment, token_weights
 
 DIFFERENCE_SOURCES = ("image", "latent")
@@ -187,6 +192,7 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         replacement: str = "nothing",
+        remove_phrases: Sequence[str] | Sequence[Sequence[str]] | None = None,
         self_attention_fraction: float = 0.4,
         cross_attention_fraction: float = 0.8,
         self_attention_resolutions: Sequence[int] | None = None,
@@ -219,6 +225,11 @@ class CounterfactualPipeline(StableDiffusionPipeline):
                 the doubled batch ``[positives, counterfactuals]``.
             replacement: what the class words become in the counterfactual prompt ("nothing", as
                 in MagicSeg, or a background phrase such as "empty grass"); must not contain them.
+            remove_phrases: phrases replaced together with the class words, so that what describes
+                the object goes with it: ``["red car"]`` makes "a red car on the street" "a nothing on
+                the street", where the class word alone would leave "a red nothing", which a model may
+                still draw as something red. One list shared by all prompts or one list per prompt;
+                each phrase must occur in its prompt.
             self_attention_fraction: fraction of the first denoising steps in which the
                 counterfactual reuses the positive's self-attention (the layout).
             cross_attention_fraction: fraction of the first steps in which it reuses the positive's
@@ -256,6 +267,7 @@ class CounterfactualPipeline(StableDiffusionPipeline):
             raise ValueError("`prompt` is required")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         words = DiffuMaskPipeline.check_class_names(prompts, class_names)
+        removed = [[*w, *phrases] for w, phrases in zip(words, one_list_per_prompt(remove_phrases or [], len(prompts), "phrases to remove"))]
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_counterfactual_inputs(
@@ -269,13 +281,13 @@ class CounterfactualPipeline(StableDiffusionPipeline):
             attention_steps,
             threshold,
         )
-        counterfactual_prompts = [replace_words(p, w, replacement) for p, w in zip(prompts, words)]
+        counterfactual_prompts = [replace_words(p, r, replacement) for p, r in zip(prompts, removed)]
         images_per_half = len(prompts) * num_images_per_prompt
 
         # 1. Where the positives' class words are, and which counterfactual token stands for which positive token.
         weights = token_weights(self.tokenizer, prompts, words, num_images_per_prompt)
         alignment = torch.stack(
-            [replacement_token_alignment(self.tokenizer, p, w, replacement) for p, w in zip(prompts, words)]
+            [replacement_token_alignment(self.tokenizer, p, r, replacement) for p, r in zip(prompts, removed)]
         ).repeat_interleave(num_images_per_prompt, dim=0)
         first_step = round(attention_steps[0] * num_inference_steps)
         latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -482,12 +494,16 @@ def load_for_generation(config, device, dtype) -> CounterfactualPipeline:
 def generate_samples(pipe: CounterfactualPipeline, requests, config) -> list[dict]:
     """The registry's sampler: image, label (dataset ids) and ``negative_image`` for each request.
 
-    Counterfactual settings (replacement "nothing", injection fractions, fusion) are the
-    pipeline's defaults.
+    The class words, and the contexts that describe their objects (ShapesWorld's colours), become
+    ``config.absence`` in the counterfactual prompts; injection and fusion are the pipeline's defaults.
     """
     from diffuseg.generation import remap_label, to_uint8
 
-    out = pipe(**config.text_to_image_kwargs(requests))
+    out = pipe(
+        **config.text_to_image_kwargs(requests),
+        replacement=config.absence,
+        remove_phrases=[config.classes.object_phrases(r) for r in requests],
+    )
     return [
         {"image": image, "negative_image": negative, "label": remap_label(mask, r.class_ids)}
         for image, negative, mask, r in zip(to_uint8(out.images), to_uint8(out.negative_images), out.masks, requests)

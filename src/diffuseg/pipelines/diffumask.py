@@ -181,17 +181,24 @@ class DiffuMaskPipeline(StableDiffusionPipeline):
 
     @staticmethod
     def check_class_names(prompts: list[str], class_names) -> list[list[str]]:
-        """One list of class words per prompt, validated (non-empty, no duplicates, lengths match)."""
+        """One list of class words per prompt, validated (non-empty, lengths match)."""
         if class_names is None or len(class_names) == 0:
             raise ValueError("class_names is empty: name at least one class word that appears in the prompt")
-        if all(isinstance(name, str) for name in class_names):
-            return [list(class_names)] * len(prompts)
-        if len(class_names) != len(prompts):
-            raise ValueError(
-                f"got {len(prompts)} prompts but {len(class_names)} lists of class names; "
-                "give one list per prompt, or one flat list shared by all prompts"
-            )
-        return [list(names) for names in class_names]
+        return one_list_per_prompt(class_names, len(prompts), "class names")
+
+
+def one_list_per_prompt(values: Sequence[str] | Sequence[Sequence[str]], prompts: int, what: str) -> list[list[str]]:
+    """``values`` as one list of strings per prompt: a flat list is shared by all ``prompts``."""
+    if isinstance(values, str):
+        raise TypeError(f"{what} must be a list, got the string {values!r}: wrap it in a list")
+    if all(isinstance(value, str) for value in values):
+        return [list(values) for _ in range(prompts)]
+    if len(values) != prompts:
+        raise ValueError(
+            f"got {prompts} prompts but {len(values)} lists of {what}; "
+            "give one list per prompt, or one flat list shared by all prompts"
+        )
+    return [list(names) for names in values]
 
 
 def self_attention_height(latent_size: tuple[int, int]) -> int:

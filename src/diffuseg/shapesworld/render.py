@@ -303,10 +303,19 @@ CAPTION_TEMPLATES: dict[int, tuple[str, ...]] = {
     2: ("a {0} and a {1}", "a {0} next to a {1}", "a {0} with a {1}", "a picture of a {0} and a {1}"),
     3: ("a {0}, a {1} and a {2}", "a {0} with a {1} and a {2}"),
 }
+EMPTY_SCENE_WORD = "background"
+"""What an empty scene's caption names instead of an object, and so what a counterfactual
+prompt says in place of the objects it removes ("a picture of a red circle" → "a picture of a
+background"). The world's tokenizer knows the word, so the shipped vocabulary stays as it is."""
+CAPTION_TEMPLATES[0] = tuple(template.format(EMPTY_SCENE_WORD) for template in CAPTION_TEMPLATES[1])
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption naming every object by colour and shape, in a random order and template."""
+    """A caption naming every object by colour and shape, in a random order and template.
+
+    A scene without objects is captioned as a one-object scene whose object is
+    :data:`EMPTY_SCENE_WORD` ("a picture of a background").
+    """
     names = [f"{o.color} {o.shape}" for o in scene.objects]
     order = rng.permutation(len(names))
     templates = CAPTION_TEMPLATES[len(names)]

@@ -12,7 +12,7 @@ on the label maps):
    ``UNet2DConditionModel`` with cross-attention at 16² and 8²), trained together: DDPM
    ε-prediction with scaled-linear betas and min-SNR-γ loss weighting, captions dropped
    10% of the time for classifier-free guidance, EMA of the weights. Curriculum: single
-   objects first, then pairs mixed in.
+   objects first, then pairs mixed in; a share of empty scenes throughout.
 
 Every ``save_minutes`` (config) the script writes a full resumable checkpoint (fp32 weights, EMA,
 optimizer; safetensors and JSON only) into ``--output-dir`` and exports the EMA weights as
@@ -88,6 +88,7 @@ class TrainConfig:
     vae_target_psnr: float = 32.0
     vae_eval_every: int = 200
     # latent cache
+    cache_empty: int = 2000
     cache_singles: int = 20000
     cache_pairs: int = 20000
     cache_batch: int = 256
@@ -109,6 +110,9 @@ class TrainConfig:
     single_only_steps: int = 1500
     pair_ramp_steps: int = 3000
     max_pair_fraction: float = 0.5
+    # Scenes without objects, captioned "a picture of a background": the model must be able to
+    # draw a scene without its object, or a counterfactual prompt has nothing to ask for.
+    empty_fraction: float = 0.1
     # bookkeeping
     log_every: int = 25
     save_minutes: float = 12.0
@@ -139,6 +143,7 @@ MICRO = dict(
     vae_batch=4,
     vae_max_steps=3,
     vae_eval_every=2,
+    cache_empty=4,
     cache_singles=16,
     cache_pairs=16,
     cache_batch=16,
@@ -543,14 +548,15 @@ class Trainer:
 
         config = self.config
         path = self.output_dir / "latent_cache.safetensors"
-        key = {"seed": config.seed, "singles": config.cache_singles, "pairs": config.cache_pairs,
+        key = {"seed": config.seed, "empty": config.cache_empty, "singles": config.cache_singles,
+               "pairs": config.cache_pairs,
                "scaling_factor": self.state["scaling_factor"], "vae_step": self.state["vae_step"],
                "scene": {k: v for k, v in scene_kwargs(config).items()}}
         key_path = path.with_suffix(".json")
         if path.is_file() and key_path.is_file() and json.loads(key_path.read_text()) == json.loads(json.dumps(key)):
             return load_file(path)
         parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "ids": [], "objects": []}
-        jobs = [(1, config.cache_singles), (2, config.cache_pairs)]
+        jobs = [(0, config.cache_empty), (1, config.cache_singles), (2, config.cache_pairs)]
         progress = tqdm(total=sum(n for _, n in jobs), desc="latent cache", mininterval=20,
                         disable=not self.accelerator.is_main_process)
         self.vae.eval()
@@ -591,6 +597,7 @@ class Trainer:
         cache = self.build_cache()
         singles = torch.nonzero(cache["objects"] == 1).flatten()
         pairs = torch.nonzero(cache["objects"] == 2).flatten()
+        empties = torch.nonzero(cache["objects"] == 0).flatten()
         empty_ids = tokenize(self.tokenizer, [""])[0]
         alphas = self.ddpm.alphas_cumprod
         rank = self.accelerator.process_index
@@ -608,8 +615,13 @@ class Trainer:
             g = torch.Generator().manual_seed(int(step_seed))
             n_pairs = int(torch.binomial(torch.tensor(float(config.batch)), torch.tensor(self.pair_fraction(step)),
                                          generator=g).item()) if self.pair_fraction(step) > 0 else 0
-            index = torch.cat([singles[torch.randint(len(singles), (config.batch - n_pairs,), generator=g)],
-                               pairs[torch.randint(len(pairs), (n_pairs,), generator=g)]])
+            # drawn only when asked for, so runs without empty scenes keep their random stream
+            n_empty = int(torch.binomial(torch.tensor(float(config.batch - n_pairs)),
+                                         torch.tensor(config.empty_fraction), generator=g).item()
+                          ) if config.empty_fraction > 0 and len(empties) else 0
+            index = torch.cat([singles[torch.randint(len(singles), (config.batch - n_pairs - n_empty,), generator=g)],
+                               pairs[torch.randint(len(pairs), (n_pairs,), generator=g)],
+                               empties[torch.randint(len(empties), (n_empty,), generator=g)]])
             mean, std = cache["mean"][index].float(), cache["std"][index].float()
             latents = (mean + std * torch.randn(mean.shape, generator=g)) * self.state["scaling_factor"]
             ids = cache["ids"][index].long()
@@ -710,7 +722,7 @@ license: apache-2.0
 A Stable-Diffusion-architecture text-to-image model at toy scale, trained by
 `python -m diffuseg.shapesworld.train` on rendered ShapesWorld scenes and their captions
 only (never on the label maps). It draws {', '.join(config.colors)} {', '.join(config.shapes)}s
-at {config.image_size}×{config.image_size} px, one or two per image.
+at {config.image_size}×{config.image_size} px, one or two per image, or none ("a picture of a background").
 The (colour, shape) pairs in `diffuseg.shapesworld.HELD_OUT_PAIRS` never occurred in training.
 
 ```python
@@ -730,7 +742,7 @@ image = pipe("a red circle and a blue square", num_inference_steps=25, guidance_
 | UNet | `UNet2DConditionModel` {list(config.unet_channels)}, {config.unet_layers_per_block} layer(s) per block, cross-attention at every resolution |
 | objective | DDPM ε-prediction, 1000 steps, scaled-linear betas 0.00085–0.012, min-SNR-γ weighting γ={config.min_snr_gamma}; caption dropout {config.caption_dropout}; end-of-text and padding replaced by the empty caption's for a share {config.context_dropout} of each batch (so the words, not the padding, carry the objects); EMA {config.ema_decay} |
 | optimisation | AdamW lr {config.lr}, batch {config.batch}, warm-up {config.warmup_steps}, grad-norm clip {config.max_grad_norm} |
-| curriculum | single objects for {config.single_only_steps} steps, then pairs ramped to {config.max_pair_fraction:.0%} over {config.pair_ramp_steps} steps; radius {config.radius_px[0]:g}–{config.radius_px[1]:g} px |
+| curriculum | single objects for {config.single_only_steps} steps, then pairs ramped to {config.max_pair_fraction:.0%} over {config.pair_ramp_steps} steps; empty scenes {config.empty_fraction:.0%} of the rest; radius {config.radius_px[0]:g}–{config.radius_px[1]:g} px |
 | progress | **{state.get('step')} UNet steps** of {config.max_steps}; recent loss {loss_text}; {state.get('train_seconds', 0) / 3600:.2f} h wall-clock in training steps (shared CPU) |
 | weights | EMA weights, safetensors: UNet and VAE fp16 (loaded as fp32), text encoder fp32; sampler: DDIM |
 | seed | {config.seed} (full config in `training_state.json`) |
