@@ -11,6 +11,8 @@
    that ignores its prompt would get). Bar: ≥ 80%.
 3. DiffuMask masks (Otsu) on the generated images vs the recogniser's colour regions of the
    prompted objects, per object; baseline: the all-image mask. Bar: IoU ≥ 0.5.
+4. Empty scenes: the captions of scenes without objects ("a picture of a background", what
+   counterfactual prompts ask for); an image is faithful when the recogniser finds no object.
 
     python benchmarks/shapesworld_quality.py                       # the embedded model
     python benchmarks/shapesworld_quality.py --model path/to/pipeline --images-per-prompt 4
@@ -24,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from diffuseg.commands import comma_separated_ints
 from diffuseg.models import load_pipeline, resolve_model
 from diffuseg.pipelines import DiffuMaskPipeline
 from diffuseg.shapesworld.recognize import prompt_fidelity, recognize
-from diffuseg.shapesworld.render import HELD_OUT_PAIRS, model_world, render, scene_from_seed
+from diffuseg.shapesworld.render import CAPTION_TEMPLATES, HELD_OUT_PAIRS, model_world, render, scene_from_seed
 from diffuseg.shapesworld.render import sample_seed as row_seed
 
 FIDELITY_BAR = 0.8
@@ -98,6 +101,8 @@ def main() -> int:
           f"any image this VAE decodes): {ceiling:.1%} ({time.time() - t0:.0f}s)")
 
     prompts = prompt_set(shapes, colors, args.pairs, args.seed)
+    object_prompts = len(prompts)
+    prompts += [(text, []) for text in CAPTION_TEMPLATES[0]]
     rows = []  # one per image: prompt kind, held-out, verdict, shuffled verdict, IoUs
     images_all = []
     t0 = time.time()
@@ -105,11 +110,14 @@ def main() -> int:
         generator = torch.Generator().manual_seed(args.seed * 100003 + index)
         common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
                       num_images_per_prompt=args.images_per_prompt, output_type="np", height=size, width=size)
-        out = pipe(prompt, class_names=[s for _, s in objects], threshold="otsu", resolutions=args.resolutions,
-                   **common)
+        if objects:
+            out = pipe(prompt, class_names=[s for _, s in objects], threshold="otsu", resolutions=args.resolutions,
+                       **common)
+        else:  # nothing to mask: the plain text-to-image call
+            out = StableDiffusionPipeline.__call__(pipe, prompt, **common)
         images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
         # the shuffled baseline: the prompt of another, fixed, index with a different set of objects
-        other = prompts[(index + len(prompts) // 2) % len(prompts)][1]
+        other = prompts[(index + object_prompts // 2) % object_prompts][1]
         for k, image in enumerate(images):
             images_all.append(image)
             detections = recognize(image, shapes, colors)
@@ -124,7 +132,7 @@ def main() -> int:
                 ious.append((ref & pred).sum() / max((ref | pred).sum(), 1))
                 whole.append(ref.mean())
             rows.append({
-                "kind": "single" if len(objects) == 1 else "pair",
+                "kind": {0: "empty", 1: "single"}.get(len(objects), "pair"),
                 "held_out": any(p in HELD_OUT_PAIRS for p in objects),
                 **verdict, "shuffled": shuffled["faithful"], "ious": ious, "whole": whole,
             })
@@ -133,6 +141,8 @@ def main() -> int:
     def rate(selected, key):
         return (sum(r[key] for r in selected) / len(selected), len(selected)) if selected else (float("nan"), 0)
 
+    empty = [r for r in rows if r["kind"] == "empty"]
+    rows = [r for r in rows if r["kind"] != "empty"]
     groups = {
         "all": rows,
         "single": [r for r in rows if r["kind"] == "single"],
@@ -140,7 +150,7 @@ def main() -> int:
         "held-out": [r for r in rows if r["held_out"]],
         "seen": [r for r in rows if not r["held_out"]],
     }
-    print(f"\n{len(rows)} images in {seconds:.0f}s ({args.steps} DDIM steps, guidance {args.guidance})")
+    print(f"\n{len(rows) + len(empty)} images in {seconds:.0f}s ({args.steps} DDIM steps, guidance {args.guidance})")
     header = ("colours", "shapes", "no extra", "faithful", "shuffled")
     print(f"{'group':<10}{'n':>5}" + "".join(f"{h:>10}" for h in header) + f"{'ratio':>8}")
     for name, selected in groups.items():
@@ -152,6 +162,9 @@ def main() -> int:
         print(f"{name:<10}{n:>5}" + "".join(f"{v:>10.1%}" for v in values) + f"{ratio:>8}")
     fidelity = rate(rows, "faithful")[0]
     print(f"prompt fidelity {fidelity:.1%} (bar {FIDELITY_BAR:.0%}): {'PASS' if fidelity >= FIDELITY_BAR else 'FAIL'}")
+    if empty:
+        print(f"empty scenes ({len(empty)} images of {', '.join(repr(t) for t in CAPTION_TEMPLATES[0])}): "
+              f"{rate(empty, 'faithful')[0]:.1%} show no object")
     ious = [v for r in rows for v in r["ious"]]
     whole = [v for r in rows for v in r["whole"]]
     for name, selected in groups.items():

@@ -302,6 +302,7 @@ def test_generate_writes_the_negative_image_column(tmp_path, pipe):
     assert generate_dataset(config, pipe=pipe, progress=False).kept == 2
     ds = load_dataset(str(tmp_path / "ds"), split="train")
     assert "negative_image" in ds.column_names and set(ds["pipeline"]) == {"counterfactual"}
+    assert '| counterfactual prompts | the class words replaced by "nothing" |' in (tmp_path / "ds" / "README.md").read_text()
     for row in ds:
         words = [w for w in ("dog", "cat") if find_word_spans(row["prompt"], w)]
         again = pipe(row["prompt"], class_names=words, generator=generator(row["seed"]), output_type="np", **FAST)
@@ -309,3 +310,24 @@ def test_generate_writes_the_negative_image_column(tmp_path, pipe):
         np.testing.assert_allclose(np.asarray(row["negative_image"]), to_uint8(again.negative_images)[0], atol=1)
         np.testing.assert_allclose(np.asarray(row["image"]), to_uint8(again.images)[0], atol=1)
         assert not np.array_equal(np.asarray(row["negative_image"]), np.asarray(row["image"]))
+
+
+def test_generate_on_shapesworld_removes_the_coloured_shape(tmp_path):
+    from datasets import load_dataset
+
+    from diffuseg.generation import GenerationConfig, generate_dataset, parse_classes, to_uint8
+    from diffuseg.models import load_default_model
+
+    shipped = load_default_model(CounterfactualPipeline)
+    shipped.set_progress_bar_config(disable=True)
+    config = GenerationConfig(out=str(tmp_path / "ds"), classes=parse_classes("shapes"), images_per_class=1,
+                              pipeline="counterfactual", num_inference_steps=2, samples_per_shard=3)
+    assert generate_dataset(config, pipe=shipped, progress=False).kept == 3
+    for row in load_dataset(str(tmp_path / "ds"), split="train"):
+        words = row["prompt"].split()
+        shape = next(w for w in words if w in config.classes.names)
+        color = words[words.index(shape) - 1]
+        again = shipped(row["prompt"], class_names=[shape], replacement="background",
+                        remove_phrases=[f"{color} {shape}"], generator=generator(row["seed"]), output_type="np",
+                        num_inference_steps=2, guidance_scale=config.guidance_scale)
+        np.testing.assert_allclose(np.asarray(row["negative_image"]), to_uint8(again.negative_images)[0], atol=1)

@@ -1202,6 +1202,8 @@ def describe(config: GenerationConfig, stats: Mapping[str, Any]) -> str:
         f"| self-attention refinement | {'yes' if config.refine else 'no'} |",
         f"| smallest kept component | {config.min_component_area} px |",
         f"| prompts naming two classes | {config.two_class_fraction:.0%} |",
+        *([f"| counterfactual prompts | the class words{' and their context' if config.classes.object_contexts else ''} "
+           f"replaced by \"{config.absence}\" |"] if config.pipeline == "counterfactual" else []),
         f"| samples per shard | {config.samples_per_shard} |",
         "",
         "### Prompts",
