@@ -61,7 +61,7 @@ class Recipe:
     guidance: float
     diffumask: list[list]  # [prompt, class words]
     freemask: list[list]  # [base prompt, base class words, objects]
-    counterfactual: list[list]  # [prompt, class words, replacement]
+    counterfactual: list[list]  # [prompt, class words, phrases removed with them, replacement]
     maskdiffusion: list[list[str]]  # [class names, caption naming them ("" for the names joined by " and ")]
 
 
@@ -72,8 +72,9 @@ SHAPES_RECIPE = Recipe(
                ["a yellow square next to a purple circle", "square, circle"]],
     freemask=[["a red circle", "circle", "square: a blue square"],
               ["a green triangle", "triangle", "circle: a yellow circle\nsquare: an orange square"]],
-    counterfactual=[["a red circle and a blue square", "circle", "nothing"],
-                    ["a green triangle", "triangle", "nothing"]],
+    # the colour goes with the shape, and "background" is how the model's empty scenes are captioned
+    counterfactual=[["a picture of a green triangle", "triangle", "green triangle", "background"],
+                    ["a red circle", "circle", "red circle", "background"]],
     maskdiffusion=[["circle, square, triangle, background",
                     "a picture of a circle and a square and a triangle on a background"],
                    ["circle, square, triangle", "a picture of a circle and a square and a triangle"],
@@ -85,8 +86,8 @@ PHOTO_RECIPE = Recipe(
     diffumask=[["a photo of a dog on the grass", "dog, grass"], ["a photo of a cat on a sofa", "cat, sofa"]],
     freemask=[["a photo of a dog on the grass", "dog", "cat: a photo of a cat"],
               ["a photo of a car on a road", "car", "dog: a photo of a dog\nbird: a photo of a bird"]],
-    counterfactual=[["a photo of a dog on the grass", "dog", "nothing"],
-                    ["a photo of a car on a road", "car", "empty road"]],
+    counterfactual=[["a photo of a dog on the grass", "dog", "", "nothing"],
+                    ["a photo of a red car on a road", "car", "red car", "empty road"]],
     maskdiffusion=[["dog, cat, grass", "a photo of a dog and a cat on the grass"], ["dog, cat, background", ""]],
 )
 
@@ -275,12 +276,13 @@ def freemask_tab(pipes: Pipelines, source: str, base_prompt: str, base_words: st
     return (image, instances), legend_overlay(image, labels, legend), "\n".join(lines)
 
 
-def counterfactual_tab(pipes: Pipelines, prompt: str, words: str, replacement: str, size: int, steps: int,
-                       guidance: float, seed: float):
+def counterfactual_tab(pipes: Pipelines, prompt: str, words: str, phrases: str, replacement: str, size: int,
+                       steps: int, guidance: float, seed: float):
     """Prompt and class words → the image, the same scene without them, the mask and where they differ."""
     names = parse_words(words)
     out = pipes.counterfactual(
-        prompt, class_names=names, replacement=replacement or "nothing", height=size, width=size,
+        prompt, class_names=names, remove_phrases=parse_words(phrases) if phrases.strip() else None,
+        replacement=replacement or "nothing", height=size, width=size,
         num_inference_steps=steps, guidance_scale=guidance, generator=seeded(seed),
     )
     image, mask = out.images[0], np.asarray(out.masks[0])
@@ -499,9 +501,11 @@ def build_demo(
             with gr.Row():
                 cf_prompt = gr.Textbox(recipe.counterfactual[0][0], label="Prompt", scale=3)
                 cf_words = gr.Textbox(recipe.counterfactual[0][1], label="Class words to remove", scale=2)
-                cf_replacement = gr.Textbox(recipe.counterfactual[0][2], label="Replaced by", scale=1)
+                cf_phrases = gr.Textbox(recipe.counterfactual[0][2], label="Phrases removed with them", scale=2,
+                                        placeholder="e.g. red car: what describes the object goes too")
+                cf_replacement = gr.Textbox(recipe.counterfactual[0][3], label="Replaced by", scale=1)
             cf_run = gr.Button("Generate the pair", variant="primary", elem_id="counterfactual-run")
-            gr.Examples(recipe.counterfactual, [cf_prompt, cf_words, cf_replacement])
+            gr.Examples(recipe.counterfactual, [cf_prompt, cf_words, cf_phrases, cf_replacement])
             with gr.Row():
                 cf_positive = image_box("Positive", "counterfactual-positive", enlarge=True)
                 cf_negative = image_box("Counterfactual", "counterfactual-negative", enlarge=True)
@@ -509,7 +513,7 @@ def build_demo(
                 cf_difference = image_box("Difference map", "counterfactual-difference", enlarge=True)
             cf_agreement = gr.Markdown(elem_id="counterfactual-agreement")
             cf_run.click(
-                with_model(counterfactual_tab), [model_box, cf_prompt, cf_words, cf_replacement, *sampling],
+                with_model(counterfactual_tab), [model_box, cf_prompt, cf_words, cf_phrases, cf_replacement, *sampling],
                 [cf_positive, cf_negative, cf_mask, cf_difference, cf_agreement], concurrency_id=MODEL_QUEUE,
             )
 
