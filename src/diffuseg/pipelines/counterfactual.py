@@ -267,7 +267,8 @@ class CounterfactualPipeline(StableDiffusionPipeline):
             raise ValueError("`prompt` is required")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         words = DiffuMaskPipeline.check_class_names(prompts, class_names)
-        removed = [[*w, *phrases] for w, phrases in zip(words, one_list_per_prompt(remove_phrases or [], len(prompts), "phrases to remove"))]
+        phrases = one_list_per_prompt(remove_phrases or [], len(prompts), "phrases to remove")
+        removed = [[*w, *p] for w, p in zip(words, phrases)]  # what the counterfactual prompts replace
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_counterfactual_inputs(
