@@ -182,6 +182,23 @@ def test_empty_scenes_are_captioned_as_counterfactual_prompts_read():
         assert replace_words(prompt, [*words, *phrases], shapes.absence) in captions, prompt
 
 
+def test_training_captions_name_shapes_without_colours_for_the_configured_share():
+    from diffuseg.shapesworld.train import TrainConfig, render_batch
+
+    seeds = list(range(200))
+    colours = set(COLORS)
+    def colourless(captions):
+        return sum(not colours & set(c.split()) for c in captions)
+
+    _, plain = render_batch(TrainConfig(colorless_caption_fraction=0.0), seeds, 1)
+    _, mixed = render_batch(TrainConfig(colorless_caption_fraction=0.3), seeds, 1)
+    assert colourless(plain) == 0
+    assert 30 <= colourless(mixed) <= 90  # 60 expected of 200
+    shapes = set(DEFAULT_SHAPES)
+    for with_colour, without in zip(plain, mixed):  # the same scenes, so the same shapes are named
+        assert shapes & set(with_colour.split()) == shapes & set(without.split()) != set()
+
+
 def test_training_script_micro_run_saves_a_loadable_pipeline_and_resumes(tmp_path):
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open

@@ -310,13 +310,14 @@ background"). The world's tokenizer knows the word, so the shipped vocabulary st
 CAPTION_TEMPLATES[0] = tuple(template.format(EMPTY_SCENE_WORD) for template in CAPTION_TEMPLATES[1])
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption naming every object by colour and shape, in a random order and template.
+def caption(scene: Scene, rng: np.random.Generator, name_colors: bool = True) -> str:
+    """A caption naming every object by colour and shape (by shape only if not ``name_colors``),
+    in a random order and template.
 
     A scene without objects is captioned as a one-object scene whose object is
     :data:`EMPTY_SCENE_WORD` ("a picture of a background").
     """
-    names = [f"{o.color} {o.shape}" for o in scene.objects]
+    names = [f"{o.color} {o.shape}" if name_colors else o.shape for o in scene.objects]
     order = rng.permutation(len(names))
     templates = CAPTION_TEMPLATES[len(names)]
     return templates[int(rng.integers(len(templates)))].format(*(names[i] for i in order))

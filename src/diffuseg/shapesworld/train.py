@@ -112,7 +112,10 @@ class TrainConfig:
     max_pair_fraction: float = 0.5
     # Scenes without objects, captioned "a picture of a background": the model must be able to
     # draw a scene without its object, or a counterfactual prompt has nothing to ask for.
-    empty_fraction: float = 0.1
+    empty_fraction: float = 0.2
+    # Captions naming shapes without their colours ("a picture of a circle"): otherwise a shape word
+    # never follows "a picture of a" and a caption naming only shapes (MaskDiffusion's) reads badly.
+    colorless_caption_fraction: float = 0.2
     # bookkeeping
     log_every: int = 25
     save_minutes: float = 12.0
@@ -281,7 +284,9 @@ def render_batch(
         rng = np.random.default_rng(s)
         scene = sample_scene(rng, n_objects=n_objects, **scene_kwargs(config))
         images.append(render(scene, config.image_size, classes=SHAPES)[0])
-        captions.append(caption(scene, rng))
+        # drawn only when asked for, so configs without colourless captions keep their captions
+        name_colors = config.colorless_caption_fraction <= 0 or rng.random() >= config.colorless_caption_fraction
+        captions.append(caption(scene, rng, name_colors=name_colors))
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return batch, captions
 
@@ -549,7 +554,7 @@ class Trainer:
         config = self.config
         path = self.output_dir / "latent_cache.safetensors"
         key = {"seed": config.seed, "empty": config.cache_empty, "singles": config.cache_singles,
-               "pairs": config.cache_pairs,
+               "pairs": config.cache_pairs, "colorless_captions": config.colorless_caption_fraction,
                "scaling_factor": self.state["scaling_factor"], "vae_step": self.state["vae_step"],
                "scene": {k: v for k, v in scene_kwargs(config).items()}}
         key_path = path.with_suffix(".json")
@@ -742,7 +747,7 @@ image = pipe("a red circle and a blue square", num_inference_steps=25, guidance_
 | UNet | `UNet2DConditionModel` {list(config.unet_channels)}, {config.unet_layers_per_block} layer(s) per block, cross-attention at every resolution |
 | objective | DDPM ε-prediction, 1000 steps, scaled-linear betas 0.00085–0.012, min-SNR-γ weighting γ={config.min_snr_gamma}; caption dropout {config.caption_dropout}; end-of-text and padding replaced by the empty caption's for a share {config.context_dropout} of each batch (so the words, not the padding, carry the objects); EMA {config.ema_decay} |
 | optimisation | AdamW lr {config.lr}, batch {config.batch}, warm-up {config.warmup_steps}, grad-norm clip {config.max_grad_norm} |
-| curriculum | single objects for {config.single_only_steps} steps, then pairs ramped to {config.max_pair_fraction:.0%} over {config.pair_ramp_steps} steps; empty scenes {config.empty_fraction:.0%} of the rest; radius {config.radius_px[0]:g}–{config.radius_px[1]:g} px |
+| curriculum | single objects for {config.single_only_steps} steps, then pairs ramped to {config.max_pair_fraction:.0%} over {config.pair_ramp_steps} steps; empty scenes {config.empty_fraction:.0%} of the rest; captions without colours {config.colorless_caption_fraction:.0%}; radius {config.radius_px[0]:g}–{config.radius_px[1]:g} px |
 | progress | **{state.get('step')} UNet steps** of {config.max_steps}; recent loss {loss_text}; {state.get('train_seconds', 0) / 3600:.2f} h wall-clock in training steps (shared CPU) |
 | weights | EMA weights, safetensors: UNet and VAE fp16 (loaded as fp32), text encoder fp32; sampler: DDIM |
 | seed | {config.seed} (full config in `training_state.json`) |
