@@ -153,6 +153,8 @@ def open_tab(page, name: str) -> None:
 def fetch_image(page, selector: str) -> PIL.Image.Image:
     """The image an ``<img>`` element shows, downloaded from its ``src`` as the browser sees it."""
     element = page.wait_for_selector(selector, state="attached", timeout=RUN_TIMEOUT_MS)
+    # under load the gallery attaches the <img> before the browser has decoded it (natural size 0×0)
+    page.wait_for_function("e => e.complete && e.naturalWidth > 0", arg=element, timeout=RUN_TIMEOUT_MS)
     src = element.get_attribute("src")
     natural = page.evaluate("e => [e.naturalWidth, e.naturalHeight]", element)
     body = page.request.get(src).body()
