@@ -1,19 +1,22 @@
-"""Recording (and editing) the attention of a diffusers UNet, cheaply.
+"""Recording (and editing) the attention of a diffusers denoiser (UNet or MM-DiT), cheaply.
 
 Three pieces, shared by every pipeline of the package:
 
 * :class:`AttentionController`: decides which attention layers are computed with explicit
   probabilities and sees those probabilities (it may record them, or return replacements).
-  It also tracks the UNet evaluation being run: index, latent size, batch.
+  It also tracks the denoiser evaluation being run: index, map grid, batch.
 * :class:`AttentionStore`: a controller that keeps *running sums* of cross-attention maps
   per class word and resolution (memory ``O(words × H × W)``, never one map per step) and,
   optionally, of self-attention at one resolution. Only the conditional half of a
   classifier-free-guidance batch is kept.
-* :func:`attention_control`: installs the controller on a UNet for the duration of a
-  ``with`` block. Every layer the controller does not want keeps running the model's own
-  processor (SDPA); the original processors come back on exit, also after an error.
+* :func:`attention_control`: installs the controller on a denoiser for the duration of a
+  ``with`` block, through the family's backend (:mod:`diffuseg.backends`: how a UNet's and
+  an MM-DiT's attention are read). Every layer the controller does not want keeps running
+  the model's own processor (SDPA); the original processors come back on exit, also after
+  an error.
 
-On top sits the daam-style one-liner :func:`capture` for any Stable Diffusion pipeline::
+On top sits the daam-style one-liner :func:`capture` for any SD 1.x/2.x, SDXL, SD3 or FLUX
+pipeline::
 
     with diffuseg.capture(pipe, words=["dog"]) as maps:
         pipe("a photo of a dog on the grass")
@@ -25,12 +28,14 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 
-from diffuseg.tokens import token_weights as make_token_weights
+from diffuseg.backends import backend_for, denoiser_of
+from diffuseg.backends.unet import ExplicitAttnProcessor  # noqa: F401  (public name, kept importable here)
+from diffuseg.tokens import sequence_token_weights
 
 Size = tuple[int, int]
 
@@ -39,23 +44,38 @@ class AttentionController:
     """Base class: which layers to compute explicitly, and what to do with their probabilities.
 
     Subclasses override :meth:`wants` and :meth:`__call__`. The state below is kept up to
-    date by :func:`attention_control` through a forward pre-hook on the UNet.
+    date by :func:`attention_control` through a forward pre-hook on the denoiser.
 
     Attributes:
-        step: index of the current UNet evaluation (-1 before the first).
-        latent_size: ``(h, w)`` of the latent the UNet is evaluating.
-        batch_size: batch of that UNet evaluation (twice the images under guidance).
+        step: index of the current denoiser evaluation (-1 before the first).
+        latent_size: ``(h, w)`` of the finest map grid: the UNet's latent, an MM-DiT's patch grid.
+        batch_size: batch of that evaluation (twice the images under guidance).
+        skipping: the current evaluation is not one to look at (FLUX's separate negative-prompt
+            pass, SD3's skip-layer pass); :meth:`wants` of the stores says no to every layer.
     """
 
     def __init__(self) -> None:
         self.step = -1
         self.latent_size: Size | None = None
         self.batch_size = 0
+        self.skipping = False
 
     def begin_unet_call(self, sample: torch.Tensor) -> None:
-        self.step += 1
-        self.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
-        self.batch_size = int(sample.shape[0])
+        self.begin_denoiser_call((int(sample.shape[-2]), int(sample.shape[-1])), int(sample.shape[0]))
+
+    def begin_denoiser_call(
+        self, grid: Size, batch: int, context: torch.Tensor | None = None, auxiliary: bool = False
+    ) -> None:
+        """A denoiser evaluation starts on a ``grid`` of positions; ``context`` is its text sequence.
+
+        ``auxiliary`` evaluations (a second pass of the same step) do not advance :attr:`step`
+        and are skipped.
+        """
+        self.skipping = auxiliary
+        if not auxiliary:
+            self.step += 1
+        self.latent_size = (int(grid[0]), int(grid[1]))
+        self.batch_size = int(batch)
 
     def map_size(self, tokens: int) -> Size | None:
         """``(h, w)`` of a layer with ``tokens`` query positions, from the latent's size."""
@@ -88,111 +108,17 @@ def _map_size(latent_size: Size, tokens: int) -> Size | None:
     return None
 
 
-class ExplicitAttnProcessor:
-    """Computes a layer's attention with explicit probabilities when its controller wants it.
-
-    Otherwise the layer's original processor runs unchanged, so unrecorded layers cost
-    what they cost before (explicit self-attention at high resolution is several times
-    slower than SDPA on CPU).
-
-    Explicit probabilities are computed a slice of query rows at a time, each slice no larger
-    than the layer's input activations: SDPA never materialises them, and a whole map
-    (batch × heads × 4096 queries × 77 tokens at SD's finest level) is several times the
-    activations of the layer, the cost that dominated recording's peak memory.
-    """
-
-    def __init__(self, controller: AttentionController, original) -> None:
-        self.controller = controller
-        self.original = original
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        kind = "self" if encoder_hidden_states is None else "cross"
-        if hidden_states.ndim == 4:
-            size = tuple(hidden_states.shape[-2:])
-        else:
-            size = self.controller.map_size(hidden_states.shape[1])
-        if size is None or not self.controller.wants(kind, size):
-            if temb is not None:
-                kwargs["temb"] = temb
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channels, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
-        batch = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        queries, keys = query.shape[2], key.shape[2]
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        rows = max(1, hidden_states.numel() // (batch * attn.heads * keys))
-        out = value.new_empty(batch, attn.heads, queries, head_dim)
-        for start in range(0, queries, rows):
-            chunk = slice(start, min(start + rows, queries))
-            scores = torch.matmul(query[:, :, chunk], key.transpose(-1, -2)).mul_(attn.scale)
-            if attention_mask is not None:
-                scores += attention_mask[:, :, chunk] if attention_mask.shape[2] > 1 else attention_mask
-            # Softmax in float32: half-precision probabilities lose the small values maps are made of.
-            probs = _softmax_(scores.float())
-            replaced = self.controller(kind, size, probs, chunk)
-            if replaced is not None:
-                probs = replaced
-            out[:, :, chunk] = torch.matmul(probs.to(value.dtype), value)
-        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-
-def _softmax_(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension, in place: no second buffer of the probabilities' size."""
-    scores -= scores.amax(dim=-1, keepdim=True)
-    scores.exp_()
-    return scores.div_(scores.sum(dim=-1, keepdim=True))
-
-
 @contextmanager
-def attention_control(unet: torch.nn.Module, controller: AttentionController) -> Iterator[AttentionController]:
-    """Install ``controller`` on every attention layer of ``unet`` inside the ``with`` block."""
-    # Direct processor swaps on the attention modules: ``unet.attn_processors`` and
-    # ``set_attn_processor`` rebuild name dicts by recursion, milliseconds per call on SD's UNet.
-    layers = [module for module in unet.modules() if hasattr(module, "set_processor")]
-    originals = [layer.processor for layer in layers]
-    for layer, original in zip(layers, originals):
-        layer.set_processor(ExplicitAttnProcessor(controller, original))
+def attention_control(
+    denoiser: torch.nn.Module, controller: AttentionController, blocks: Iterable[int] | None = None
+) -> Iterator[AttentionController]:
+    """Install ``controller`` on the attention of ``denoiser`` (a UNet or an MM-DiT) inside the ``with`` block.
 
-    def on_unet_call(module, args, kwargs):
-        controller.begin_unet_call(args[0] if args else kwargs["sample"])
-
-    handle = unet.register_forward_pre_hook(on_unet_call, with_kwargs=True)
-    try:
+    ``blocks`` (MM-DiT only) picks the transformer blocks recorded, in the order of
+    :func:`diffuseg.backends.mmdit.joint_attention_layers`; the others keep their processor.
+    """
+    with backend_for(denoiser).control(denoiser, controller, blocks):
         yield controller
-    finally:
-        handle.remove()
-        for layer, original in zip(layers, originals):
-            layer.set_processor(original)
 
 
 class AttentionStore(AttentionController):
@@ -203,9 +129,17 @@ class AttentionStore(AttentionController):
             may be set later, before the UNet runs.
         resolutions: heights of the cross-attention maps to record (e.g. ``(16, 32, 64)`` for
             SD at 512²); ``None`` records every resolution.
-        steps: ``(start, stop)`` UNet evaluations to record; ``None`` records all.
+        steps: ``(start, stop)`` denoiser evaluations to record; ``None`` records all.
         self_attention_resolution: height of the one self-attention resolution to record
             (for refinement); ``None`` records none.
+        step_window: ``(start, end)`` fractions of the denoising steps to record, turned into
+            ``steps`` at the first evaluation from ``schedule_length()``, the number of steps
+            the pipeline really runs (custom ``timesteps``/``sigmas`` included); overrides ``steps``.
+        schedule_length: see ``step_window``.
+
+    Attributes:
+        negative_contexts: text sequences of negative prompts; a denoiser evaluation on one of
+            them (FLUX's true classifier-free guidance runs it separately) is not recorded.
     """
 
     def __init__(
@@ -214,9 +148,16 @@ class AttentionStore(AttentionController):
         resolutions: Iterable[int] | None = None,
         steps: tuple[int, int] | None = None,
         self_attention_resolution: int | None = None,
+        step_window: tuple[float, float] | None = None,
+        schedule_length: Callable[[], int] | None = None,
     ) -> None:
         super().__init__()
+        if step_window is not None and schedule_length is None:
+            raise ValueError("step_window needs schedule_length, the number of steps the pipeline runs")
         self.token_weights = token_weights
+        self.step_window = step_window
+        self.schedule_length = schedule_length
+        self.negative_contexts: list[torch.Tensor] = []
         self.resolutions = None if resolutions is None else frozenset(int(r) for r in resolutions)
         self.steps = steps
         self.self_attention_resolution = self_attention_resolution
@@ -232,7 +173,17 @@ class AttentionStore(AttentionController):
             raise RuntimeError("AttentionStore.token_weights must be set before the UNet runs")
         return self.token_weights.shape[0]
 
+    def begin_denoiser_call(
+        self, grid: Size, batch: int, context: torch.Tensor | None = None, auxiliary: bool = False
+    ) -> None:
+        negative = context is not None and any(context is c for c in self.negative_contexts)
+        super().begin_denoiser_call(grid, batch, context, auxiliary or negative)
+        if self.step == 0 and self.step_window is not None and not self.skipping:
+            self.steps = step_range(self.step_window, self.schedule_length())
+
     def wants(self, kind: str, size: Size) -> bool:
+        if self.skipping:
+            return False
         if self.steps is not None and not self.steps[0] <= self.step < self.steps[1]:
             return False
         if kind == "cross":
@@ -303,20 +254,28 @@ class AttentionStore(AttentionController):
         return refine_with_self_attention(maps, affinity, self.self_size, iterations)
 
 
+def step_range(window: tuple[float, float], total: int) -> tuple[int, int]:
+    """Denoiser evaluations ``(first, stop)`` covering the ``window`` fractions of ``total`` steps (at least one)."""
+    if not 0.0 <= window[0] < window[1] <= 1.0:
+        raise ValueError(f"attention_steps must satisfy 0 <= start < end <= 1, got {tuple(window)}")
+    first = round(window[0] * total)
+    return first, max(first + 1, round(window[1] * total))
+
+
 class AttentionMaps:
     """What :func:`capture` recorded, read after the pipeline call."""
 
-    def __init__(self, store: AttentionStore, words: Sequence[str] | None, vae_scale_factor: int) -> None:
+    def __init__(self, store: AttentionStore, words: Sequence[str] | None, pixels_per_position: int) -> None:
         self.store = store
         self.words = words
-        self.vae_scale_factor = vae_scale_factor
+        self.pixels_per_position = pixels_per_position
 
     @property
     def image_size(self) -> Size:
         if self.store.latent_size is None:
             raise RuntimeError("nothing was recorded: run the pipeline inside the `with capture(...)` block")
         h, w = self.store.latent_size
-        return h * self.vae_scale_factor, w * self.vae_scale_factor
+        return h * self.pixels_per_position, w * self.pixels_per_position
 
     def per_resolution(self) -> dict[Size, torch.Tensor]:
         """Mean maps per resolution, ``{(h, w): (images, words, h, w)}``, finest first."""
@@ -349,41 +308,76 @@ def capture(
     resolutions: Iterable[int] | None = None,
     steps: tuple[int, int] | None = None,
     self_attention_resolution: int | None = None,
+    blocks: Iterable[int] | None = None,
+    step_window: tuple[float, float] | None = None,
 ) -> Iterator[AttentionMaps]:
-    """Record the cross-attention of ``words`` while ``pipe`` (any Stable Diffusion pipeline) runs.
+    """Record the attention of ``words`` to the image while ``pipe`` runs.
+
+    Works on SD 1.x/2.x and SDXL (UNet cross-attention) and on SD3/3.5 and FLUX.1 (the
+    image → text part of the joint attention); see :mod:`diffuseg.backends` for how each
+    family is read. Under classifier-free guidance only the conditional branch is kept;
+    FLUX's true-CFG negative pass (a separate call) is not recorded.
+
+    Which tokens a word is: its positions in every tokenizer that feeds the denoiser's text
+    sequence (SD 1.x/2.x/SDXL: CLIP; SD3: CLIP then T5; FLUX: T5), averaged within each
+    tokenizer, the tokenizers then averaged with equal weight
+    (:func:`diffuseg.tokens.sequence_token_weights`). A word seen by no tokenizer (absent, or
+    past every limit) raises :class:`~diffuseg.tokens.ClassWordNotFoundError`.
 
     Args:
-        pipe: a pipeline with ``unet``, ``tokenizer`` and an ``encode_prompt(prompt, device,
-            num_images_per_prompt, ...)`` method, as diffusers' SD pipelines have.
+        pipe: a diffusers SD, SDXL, SD3 or FLUX pipeline (or a subclass), called with the prompt as text.
         words: class words, the same for every prompt, or one list per prompt.
-        resolutions, steps, self_attention_resolution: see :class:`AttentionStore`.
+        resolutions, steps, self_attention_resolution, step_window: see :class:`AttentionStore`
+            (``step_window`` reads the schedule from ``pipe.num_timesteps``).
+        blocks: MM-DiT only: the transformer blocks recorded (default all), see :func:`attention_control`.
 
     Yields:
         :class:`AttentionMaps`, filled once the pipeline call inside the block returns.
     """
-    store = AttentionStore(resolutions=resolutions, steps=steps, self_attention_resolution=self_attention_resolution)
+    denoiser = denoiser_of(pipe)
+    backend = backend_for(denoiser)
+    store = AttentionStore(
+        resolutions=resolutions,
+        steps=steps,
+        self_attention_resolution=self_attention_resolution,
+        step_window=step_window,
+        schedule_length=lambda: pipe.num_timesteps,
+    )
     shared_words = list(words) if words and all(isinstance(w, str) for w in words) else None
     if not words:
         raise ValueError("class_names is empty: give at least one class word")
     original_encode = pipe.encode_prompt
     signature = inspect.signature(original_encode)
+    # FLUX encodes the negative prompt in a second call before the denoiser runs: the first
+    # encode after a denoiser call (or the start) is the prompt's, the next ones are negative.
+    encoded = {"since_denoiser_call": False}
 
     @functools.wraps(original_encode)
     def encode_prompt(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if encoded["since_denoiser_call"]:
+            result = original_encode(*args, **kwargs)
+            store.negative_contexts.append(result[0])
+            return result
         prompt = bound.arguments.get("prompt")
         if prompt is None:
             raise ValueError("attention capture needs the prompt as text to find class words, not prompt_embeds")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         per_prompt = [shared_words] * len(prompts) if shared_words is not None else [list(w) for w in words]
-        store.token_weights = make_token_weights(
-            pipe.tokenizer, prompts, per_prompt, bound.arguments.get("num_images_per_prompt", 1)
-        )
+        segments = backend.text_segments(pipe, prompts, bound.arguments)
+        store.token_weights = sequence_token_weights(segments, per_prompt, bound.arguments.get("num_images_per_prompt") or 1)
+        encoded["since_denoiser_call"] = True
         return original_encode(*args, **kwargs)
 
+    def on_denoiser_call(module, args):
+        encoded["since_denoiser_call"] = False
+
     pipe.encode_prompt = encode_prompt  # instance attribute shadows the method; deleted on exit
+    handle = denoiser.register_forward_pre_hook(on_denoiser_call)
     try:
-        with attention_control(pipe.unet, store):
-            yield AttentionMaps(store, shared_words, pipe.vae_scale_factor)
+        with attention_control(denoiser, store, blocks):
+            yield AttentionMaps(store, shared_words, backend.pixels_per_position(pipe))
     finally:
+        handle.remove()
         del pipe.encode_prompt
