@@ -29,7 +29,8 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from typing import Literal
 
 import torch
 
@@ -38,6 +39,7 @@ from diffuseg.backends.unet import ExplicitAttnProcessor  # noqa: F401  (public 
 from diffuseg.tokens import sequence_token_weights
 
 Size = tuple[int, int]
+MapSource = Literal["cross_attention", "concepts"]
 
 
 class AttentionController:
@@ -158,6 +160,9 @@ class AttentionStore(AttentionController):
         self.step_window = step_window
         self.schedule_length = schedule_length
         self.negative_contexts: list[torch.Tensor] = []
+        # False when the word maps come from elsewhere (concept attention): the token weights
+        # still say how many images there are.
+        self.record_cross = True
         self.resolutions = None if resolutions is None else frozenset(int(r) for r in resolutions)
         self.steps = steps
         self.self_attention_resolution = self_attention_resolution
@@ -181,13 +186,19 @@ class AttentionStore(AttentionController):
         if self.step == 0 and self.step_window is not None and not self.skipping:
             self.steps = step_range(self.step_window, self.schedule_length())
 
+    def recording_step(self) -> bool:
+        """Whether the current denoiser evaluation is one to record."""
+        return not self.skipping and (self.steps is None or self.steps[0] <= self.step < self.steps[1])
+
     def wants(self, kind: str, size: Size) -> bool:
-        if self.skipping:
-            return False
-        if self.steps is not None and not self.steps[0] <= self.step < self.steps[1]:
+        if not self.recording_step():
             return False
         if kind == "cross":
-            return self.token_weights is not None and (self.resolutions is None or size[0] in self.resolutions)
+            return (
+                self.record_cross
+                and self.token_weights is not None
+                and (self.resolutions is None or size[0] in self.resolutions)
+            )
         return size[0] == self.self_attention_resolution
 
     def conditional(self, probs: torch.Tensor) -> torch.Tensor:
@@ -212,12 +223,7 @@ class AttentionStore(AttentionController):
                     f"the text embeddings have {probs.shape[-1]} tokens but the class words were looked up in "
                     f"{weights.shape[1]}; pass the prompt as text, not as prompt_embeds of another length"
                 )
-            words = torch.bmm(probs, weights.to(probs)).transpose(1, 2)  # (images, words, rows)
-            if size not in self.cross_sums:
-                self.cross_sums[size] = words.new_zeros(*words.shape[:2], size[0] * size[1])
-                self.cross_counts[size] = 0
-            self.cross_sums[size][..., queries] += words
-            self.cross_counts[size] += first_slice
+            self.add_word_maps(size, torch.bmm(probs, weights.to(probs)).transpose(1, 2), queries)
         else:
             if self.self_sum is None:
                 self.self_sum = probs.new_zeros(probs.shape[0], probs.shape[-1], probs.shape[-1])
@@ -225,6 +231,15 @@ class AttentionStore(AttentionController):
             self.self_sum[:, queries] += probs
             self.self_count += first_slice
         return None
+
+    def add_word_maps(self, size: Size, words: torch.Tensor, queries: slice | None = None) -> None:
+        """Add ``(images, words, rows)`` maps of query rows ``queries`` (default: all) of one layer at ``size``."""
+        queries = queries or slice(0, size[0] * size[1])
+        if size not in self.cross_sums:
+            self.cross_sums[size] = words.new_zeros(*words.shape[:2], size[0] * size[1])
+            self.cross_counts[size] = 0
+        self.cross_sums[size][..., queries] += words
+        self.cross_counts[size] += queries.start == 0  # a layer's first slice counts the layer once
 
     def cross_attention(self) -> dict[Size, torch.Tensor]:
         """Mean cross-attention per recorded resolution: ``{(h, w): (images, words, h, w)}``."""
@@ -310,6 +325,8 @@ def capture(
     self_attention_resolution: int | None = None,
     blocks: Iterable[int] | None = None,
     step_window: tuple[float, float] | None = None,
+    maps_from: MapSource = "cross_attention",
+    other_concepts: Sequence[str] = (),
 ) -> Iterator[AttentionMaps]:
     """Record the attention of ``words`` to the image while ``pipe`` runs.
 
@@ -330,12 +347,28 @@ def capture(
         resolutions, steps, self_attention_resolution, step_window: see :class:`AttentionStore`
             (``step_window`` reads the schedule from ``pipe.num_timesteps``).
         blocks: MM-DiT only: the transformer blocks recorded (default all), see :func:`attention_control`.
+        maps_from: ``"cross_attention"`` (default): the word tokens' share of the image's
+            attention; ``"concepts"`` (MM-DiT only): ConceptAttention's maps, each word encoded
+            alone as a concept token (:class:`diffuseg.backends.mmdit.ConceptStream`); the
+            image is the same either way.
+        other_concepts: with ``maps_from="concepts"``, more concepts that compete in the softmax
+            but get no map (e.g. ``["background", "sky"]``): with a single class word the softmax
+            over concepts is 1 everywhere, so name what else the image may show.
 
     Yields:
         :class:`AttentionMaps`, filled once the pipeline call inside the block returns.
     """
     denoiser = denoiser_of(pipe)
     backend = backend_for(denoiser)
+    if maps_from not in ("cross_attention", "concepts"):
+        raise ValueError(f"maps_from must be 'cross_attention' or 'concepts', got {maps_from!r}")
+    if other_concepts and maps_from != "concepts":
+        raise ValueError("other_concepts only applies to maps_from='concepts'")
+    if maps_from == "concepts" and not hasattr(backend, "ConceptStream"):
+        raise ValueError(
+            "maps_from='concepts' needs an MM-DiT (SD3/3.5, FLUX.1); this pipeline's denoiser is "
+            f"a {type(denoiser).__name__}: use maps_from='cross_attention'"
+        )
     store = AttentionStore(
         resolutions=resolutions,
         steps=steps,
@@ -346,8 +379,36 @@ def capture(
     shared_words = list(words) if words and all(isinstance(w, str) for w in words) else None
     if not words:
         raise ValueError("class_names is empty: give at least one class word")
+    concepts = None
+    if maps_from == "concepts":
+        concepts = store.concepts = backend.ConceptStream(denoiser, store, blocks)
+        store.record_cross = False
     original_encode = pipe.encode_prompt
     signature = inspect.signature(original_encode)
+
+    def concept_embeddings(per_prompt: list[list[str]], copies: int, arguments: dict) -> None:
+        """Each distinct word encoded alone, its tokens averaged as for the maps: one concept token per word."""
+        distinct = list(dict.fromkeys([*(w for prompt_words in per_prompt for w in prompt_words), *other_concepts]))
+        call = {"prompt": distinct, "num_images_per_prompt": 1}
+        for name, value in (("prompt_2", None), ("prompt_3", None), ("do_classifier_free_guidance", False)):
+            if name in signature.parameters:
+                call[name] = value
+        for name in ("device", "max_sequence_length"):
+            if arguments.get(name) is not None:
+                call[name] = arguments[name]
+        embeds = original_encode(**call)[0]
+        alone = sequence_token_weights(backend.text_segments(pipe, distinct, call), [[w] for w in distinct])
+        vectors = torch.einsum("wt,wtd->wd", alone[..., 0].to(embeds), embeds)
+        # Columns: the image's words (padded to the longest list), then the other concepts.
+        words_width = max(len(prompt_words) for prompt_words in per_prompt)
+        others = [distinct.index(w) for w in other_concepts]
+        rows = [[distinct.index(w) for w in prompt_words] for prompt_words in per_prompt for _ in range(copies)]
+        table = vectors.new_zeros(len(rows), words_width + len(others), vectors.shape[-1])
+        valid = torch.zeros(len(rows), words_width + len(others), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            table[i, : len(row)], table[i, words_width:] = vectors[row], vectors[others]
+            valid[i, : len(row)] = valid[i, words_width:] = True
+        concepts.set_concepts(table, valid, words_width)
     # FLUX encodes the negative prompt in a second call before the denoiser runs: the first
     # encode after a denoiser call (or the start) is the prompt's, the next ones are negative.
     encoded = {"since_denoiser_call": False}
@@ -366,7 +427,10 @@ def capture(
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         per_prompt = [shared_words] * len(prompts) if shared_words is not None else [list(w) for w in words]
         segments = backend.text_segments(pipe, prompts, bound.arguments)
-        store.token_weights = sequence_token_weights(segments, per_prompt, bound.arguments.get("num_images_per_prompt") or 1)
+        copies = bound.arguments.get("num_images_per_prompt") or 1
+        store.token_weights = sequence_token_weights(segments, per_prompt, copies)
+        if concepts is not None:
+            concept_embeddings(per_prompt, copies, bound.arguments)
         encoded["since_denoiser_call"] = True
         return original_encode(*args, **kwargs)
 
@@ -376,7 +440,7 @@ def capture(
     pipe.encode_prompt = encode_prompt  # instance attribute shadows the method; deleted on exit
     handle = denoiser.register_forward_pre_hook(on_denoiser_call)
     try:
-        with attention_control(denoiser, store, blocks):
+        with attention_control(denoiser, store, blocks), concepts.attached() if concepts else nullcontext():
             yield AttentionMaps(store, shared_words, backend.pixels_per_position(pipe))
     finally:
         handle.remove()

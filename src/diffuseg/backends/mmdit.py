@@ -230,6 +230,9 @@ def control(
     if any(not 0 <= b < len(layers) for b in chosen):
         raise ValueError(f"blocks must lie in 0..{len(layers) - 1} (this transformer has {len(layers)}), got {list(blocks)}")
     layers = [layers[b] for b in chosen]
+    concepts = getattr(controller, "concepts", None)
+    if concepts is not None:  # the concept stream runs through every double-stream block up to the last recorded
+        layers += [layer for layer in concepts.layers if all(layer is not other for other in layers)]
     state = _CallState()
     originals = [layer.processor for layer in layers]
     for layer, original in zip(layers, originals):
@@ -290,3 +293,119 @@ def pixels_per_position(pipe) -> int:
     if is_flux(pipe.transformer):
         return pipe.vae_scale_factor * 2 * pipe.transformer.config.patch_size
     return pipe.vae_scale_factor * pipe.transformer.config.patch_size
+
+
+class ConceptStream:
+    """Concept attention (Helbling et al., 2025, "ConceptAttention: Diffusion Transformers Learn
+    Highly Interpretable Features"), written from the paper's description.
+
+    Each class word, encoded alone, becomes one *concept token*. In every joint block up to the
+    last one recorded, the concept tokens go through the block's text-side weights (adaptive
+    norm with the step's conditioning, query/key/value projections, output projection,
+    feed-forward and gates) and attend to themselves and to the image tokens, while neither the
+    image nor the prompt's text attends to them: the image is generated exactly as without.
+    At each recorded block a word's map is the softmax over concepts of
+    ``image attention output · concept attention output`` (both before the output
+    projection, in the attention's value space), per image token.
+
+    FLUX's single-stream blocks have no separate text weights, so concept maps come from its
+    double-stream blocks only.
+
+    Args:
+        transformer: an SD3 or FLUX transformer.
+        store: the :class:`~diffuseg.attention.AttentionStore` the maps go to (its step window,
+            its conditional-branch rule).
+        blocks: indices of the blocks to record (see :func:`joint_attention_layers`), default all
+            joint ones.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, store, blocks: Iterable[int] | None = None) -> None:
+        joint = list(transformer.transformer_blocks)
+        chosen = range(len(joint)) if blocks is None else sorted(set(int(b) for b in blocks))
+        recorded = [b for b in chosen if b < len(joint)]
+        if not recorded:
+            raise ValueError(
+                f"concept maps come from the joint blocks 0..{len(joint) - 1} (FLUX: the double-stream ones); "
+                f"blocks {list(chosen)} has none of them"
+            )
+        self.transformer = transformer
+        self.store = store
+        self.blocks = joint[: recorded[-1] + 1]
+        self.layers = [block.attn for block in self.blocks]
+        self.recorded = {id(joint[b].attn) for b in recorded}
+        self.block_of = {id(block.attn): block for block in self.blocks}
+        self.embeddings: torch.Tensor | None = None  # (images, concepts, joint_attention_dim)
+        self.reported = 0
+        self.valid: torch.Tensor | None = None  # (images, concepts): False for padding columns
+        self.tokens: torch.Tensor | None = None  # the concept stream inside the current call
+        self.temb: torch.Tensor | None = None
+
+    def set_concepts(self, embeddings: torch.Tensor, valid: torch.Tensor, reported: int) -> None:
+        """``(images, concepts, dim)`` concept embeddings, which are real (not padding), and how
+        many leading ones get maps (the rest only compete in the softmax)."""
+        self.embeddings, self.valid, self.reported = embeddings, valid, reported
+
+    def wants(self, attn) -> bool:
+        return self.embeddings is not None and id(attn) in self.block_of and self.store.recording_step()
+
+    @contextmanager
+    def attached(self) -> Iterator["ConceptStream"]:
+        """Hooks that start the stream at each transformer call and hand each block's conditioning to it."""
+
+        def on_transformer_call(module, args, kwargs):
+            if self.embeddings is not None:
+                embedder = self.transformer.context_embedder
+                self.tokens = embedder(self.embeddings.to(embedder.weight.device, embedder.weight.dtype))
+
+        def on_block_call(module, args, kwargs):
+            self.temb = kwargs["temb"] if "temb" in kwargs else args[2]
+
+        handles = [self.transformer.register_forward_pre_hook(on_transformer_call, with_kwargs=True)]
+        handles += [block.register_forward_pre_hook(on_block_call, with_kwargs=True) for block in self.blocks]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def attend(self, attn, image_out, image_key, image_value, size) -> None:
+        """One block: the concepts attend to themselves and the image; maps recorded; the stream moves on.
+
+        ``image_out``, ``image_key``, ``image_value``: ``(batch, heads, image tokens, head dim)``
+        of the block's joint attention (keys after their norm and rotary embedding).
+        """
+        images = self.embeddings.shape[0]
+        cond = slice(image_out.shape[0] - images, None)  # guided batches are [unconditional, conditional]
+        block = self.block_of[id(attn)]
+        temb = self.temb[cond]
+        pre_only = getattr(block, "context_pre_only", False)
+        if pre_only:  # the last SD3 block: its text output is not used any more
+            normed = block.norm1_context(self.tokens, temb)
+        else:
+            normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(self.tokens, emb=temb)
+
+        def heads(x):
+            return x.view(images, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        query, key, value = heads(attn.add_q_proj(normed)), heads(attn.add_k_proj(normed)), heads(attn.add_v_proj(normed))
+        if attn.norm_added_q is not None:
+            query = attn.norm_added_q(query)
+        if attn.norm_added_k is not None:
+            key = attn.norm_added_k(key)
+        keys = torch.cat([key, image_key[cond]], dim=2)
+        values = torch.cat([value, image_value[cond]], dim=2)
+        scores = torch.matmul(query, keys.transpose(-1, -2)).float() * query.shape[-1] ** -0.5
+        concepts = self.valid.shape[1]
+        scores[..., :concepts].masked_fill_(~self.valid[:, None, None, :].to(scores.device), float("-inf"))
+        concept_out = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)  # (images, heads, concepts, dim)
+        concept_out = concept_out.transpose(1, 2).flatten(2)
+        if id(attn) in self.recorded:
+            image_flat = image_out[cond].transpose(1, 2).flatten(2)  # (images, tokens, heads × dim)
+            similarity = torch.bmm(image_flat.float(), concept_out.float().transpose(1, 2))  # (images, tokens, concepts)
+            similarity.masked_fill_(~self.valid[:, None, :].to(similarity.device), float("-inf"))
+            maps = similarity.softmax(dim=-1)[..., : self.reported]
+            self.store.add_word_maps(size, maps.transpose(1, 2))
+        if not pre_only:
+            tokens = self.tokens + gate_msa.unsqueeze(1) * attn.to_add_out(concept_out)
+            normed = block.norm2_context(tokens) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+            self.tokens = tokens + gate_mlp.unsqueeze(1) * block.ff_context(normed)
