@@ -20,7 +20,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from diffuseg.attention import capture
+from diffuseg.attention import AttentionMaps, capture
 from diffuseg.masks import label_map, thresholds
 
 # Self-attention is recorded at the finest level with at most this many positions:
@@ -152,32 +152,13 @@ class DiffuMaskPipeline(StableDiffusionPipeline):
                 **kwargs,
             )
 
-        # 2. Aggregate resolutions into one soft map per class word, at image size.
-        attention = maps.aggregate((height, width))
-        if refine:
-            attention = maps.store.refine(attention, refine_iterations)
-
-        # 3. Threshold each map and assemble one label map per image.
-        cutoffs = thresholds(attention, threshold)
-        words_per_image = [len(w) for w in words for _ in range(num_images_per_prompt)]
-        masks = np.stack(
-            [
-                label_map(attention[i], cutoffs[i], ignore_band, min_component_area, num_classes=words_per_image[i])
-                for i in range(attention.shape[0])
-            ]
+        # 2-3. Aggregate, refine, threshold into label maps.
+        masks, attention = masks_from_maps(
+            maps, words, num_images_per_prompt, (height, width), threshold, ignore_band, refine, refine_iterations,
+            min_component_area,
         )
-
         self.maybe_free_model_hooks()
-        images = generated.images
-        if output_type == "pil":
-            masks = [PIL.Image.fromarray(mask, mode="L") for mask in masks]
-        if output_type == "pt":
-            masks, attention = torch.from_numpy(masks), attention
-        else:
-            attention = attention.cpu().numpy().astype(np.float32)
-        if not return_dict:
-            return images, masks, attention
-        return DiffuMaskPipelineOutput(images=images, masks=masks, attention_maps=attention)
+        return diffumask_output(generated.images, masks, attention, output_type, return_dict)
 
     @staticmethod
     def check_class_names(prompts: list[str], class_names) -> list[list[str]]:
@@ -185,6 +166,53 @@ class DiffuMaskPipeline(StableDiffusionPipeline):
         if class_names is None or len(class_names) == 0:
             raise ValueError("class_names is empty: name at least one class word that appears in the prompt")
         return one_list_per_prompt(class_names, len(prompts), "class names")
+
+
+def masks_from_maps(
+    maps: AttentionMaps,
+    words: list[list[str]],
+    num_images_per_prompt: int,
+    size: tuple[int, int],
+    threshold: str | float,
+    ignore_band: float,
+    refine: bool,
+    refine_iterations: int,
+    min_component_area: int,
+) -> tuple[np.ndarray, torch.Tensor]:
+    """DiffuMask's step from recorded maps to label maps, for every model family.
+
+    The resolutions are aggregated into one soft map per class word at ``size`` (each
+    upsampled, max-normalised, averaged), optionally refined along self-attention,
+    thresholded, and assembled into one label map per image.
+
+    Returns:
+        ``(masks, attention)``: ``uint8 (images, H, W)`` label maps and ``(images, C, H, W)`` soft maps.
+    """
+    attention = maps.aggregate(size)
+    if refine:
+        attention = maps.store.refine(attention, refine_iterations)
+    cutoffs = thresholds(attention, threshold)
+    words_per_image = [len(w) for w in words for _ in range(num_images_per_prompt)]
+    masks = np.stack(
+        [
+            label_map(attention[i], cutoffs[i], ignore_band, min_component_area, num_classes=words_per_image[i])
+            for i in range(attention.shape[0])
+        ]
+    )
+    return masks, attention
+
+
+def diffumask_output(images, masks: np.ndarray, attention: torch.Tensor, output_type: str, return_dict: bool):
+    """The pipeline's output: masks as PIL images for ``"pil"``, tensors for ``"pt"``, else arrays."""
+    if output_type == "pil":
+        masks = [PIL.Image.fromarray(mask, mode="L") for mask in masks]
+    if output_type == "pt":
+        masks = torch.from_numpy(masks)
+    else:
+        attention = attention.cpu().numpy().astype(np.float32)
+    if not return_dict:
+        return images, masks, attention
+    return DiffuMaskPipelineOutput(images=images, masks=masks, attention_maps=attention)
 
 
 def one_list_per_prompt(values: Sequence[str] | Sequence[Sequence[str]], prompts: int, what: str) -> list[list[str]]:
