@@ -15,16 +15,37 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLP
 import diffuseg
 from diffuseg.attention import AttentionController, AttentionStore, attention_control
 from diffuseg.backends import backend_for, denoiser_of
-from diffuseg.pipelines import DiffuMaskFluxPipeline, DiffuMaskSD3Pipeline, DiffuMaskXLPipeline
-from diffuseg.testing import build_clip_tokenizer, build_t5_tokenizer, save_tiny_pipeline, tiny_pipeline
+from diffuseg.pipelines import (
+    DiffuMaskFluxPipeline,
+    DiffuMaskSD3Pipeline,
+    DiffuMaskXLPipeline,
+)
+from diffuseg.testing import (
+    build_clip_tokenizer,
+    build_t5_tokenizer,
+    save_tiny_pipeline,
+    tiny_pipeline,
+)
 from diffuseg.tokens import ClassWordNotFoundError, TextSegment, sequence_token_weights
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = {
-    "sdxl": (DiffuMaskXLPipeline, StableDiffusionXLPipeline, dict(num_inference_steps=2, height=64, width=64)),
-    "sd3": (DiffuMaskSD3Pipeline, StableDiffusion3Pipeline, dict(num_inference_steps=2, height=64, width=64, max_sequence_length=32)),
-    "flux": (DiffuMaskFluxPipeline, FluxPipeline, dict(num_inference_steps=2, height=64, width=64, max_sequence_length=32)),
+    "sdxl": (
+        DiffuMaskXLPipeline,
+        StableDiffusionXLPipeline,
+        dict(num_inference_steps=2, height=64, width=64),
+    ),
+    "sd3": (
+        DiffuMaskSD3Pipeline,
+        StableDiffusion3Pipeline,
+        dict(num_inference_steps=2, height=64, width=64, max_sequence_length=32),
+    ),
+    "flux": (
+        DiffuMaskFluxPipeline,
+        FluxPipeline,
+        dict(num_inference_steps=2, height=64, width=64, max_sequence_length=32),
+    ),
 }
 GRID = (16, 16)
 
@@ -32,7 +53,11 @@ GRID = (16, 16)
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request):
     diffumask_class, _, fast = FAMILIES[request.param]
-    return request.param, tiny_pipeline(request.param, pipeline_class=diffumask_class, seed=0), fast
+    return (
+        request.param,
+        tiny_pipeline(request.param, pipeline_class=diffumask_class, seed=0),
+        fast,
+    )
 
 
 def plain_of(name, pipe):
@@ -54,7 +79,13 @@ def test_images_equal_the_plain_family_pipeline_and_masks_are_labels(family):
     plain = plain_of(name, pipe)
     prompt = "a photo of a dog on the grass"
     expected = plain(prompt, generator=generator(), output_type="np", **fast).images
-    out = pipe(prompt, class_names=["dog", "grass"], generator=generator(), output_type="np", **fast)
+    out = pipe(
+        prompt,
+        class_names=["dog", "grass"],
+        generator=generator(),
+        output_type="np",
+        **fast,
+    )
     assert np.allclose(out.images, expected, atol=1e-5)
     assert out.masks.shape == (1, 64, 64) and out.masks.dtype == np.uint8
     assert set(np.unique(out.masks)) <= {0, 1, 2, 255}
@@ -64,7 +95,10 @@ def test_images_equal_the_plain_family_pipeline_and_masks_are_labels(family):
 
 def test_batches_and_images_per_prompt_match_single_runs(family):
     _, pipe, fast = family
-    prompts, names = ["a dog on the grass", "a cat in the park"], [["dog", "grass"], ["cat"]]
+    prompts, names = (
+        ["a dog on the grass", "a cat in the park"],
+        [["dog", "grass"], ["cat"]],
+    )
     batch = pipe(
         prompts,
         class_names=names,
@@ -73,10 +107,21 @@ def test_batches_and_images_per_prompt_match_single_runs(family):
         output_type="np",
         **fast,
     )
-    assert batch.masks.shape == (4, 64, 64) and batch.attention_maps.shape == (4, 2, 64, 64)
+    assert batch.masks.shape == (4, 64, 64) and batch.attention_maps.shape == (
+        4,
+        2,
+        64,
+        64,
+    )
     for i in range(4):
         prompt, words = prompts[i // 2], names[i // 2]
-        single = pipe(prompt, class_names=words, generator=generator(i + 1), output_type="np", **fast)
+        single = pipe(
+            prompt,
+            class_names=words,
+            generator=generator(i + 1),
+            output_type="np",
+            **fast,
+        )
         assert np.allclose(batch.attention_maps[i, : len(words)], single.attention_maps[0], atol=1e-4)
         assert np.array_equal(batch.masks[i], single.masks[0])
     assert not batch.attention_maps[2:, 1].any()  # padding column of the one-word prompt
@@ -113,7 +158,11 @@ def test_word_twice_is_the_mean_of_its_occurrences(family):
     )
     weights = sequence_token_weights(segments, [["dog"]])
     # CLIP: <bos> a dog and a dog -> 2 and 5; T5 (no begin token): ▁a ▁dog ▁and ▁a ▁dog -> 1 and 4.
-    expected = {"sdxl": {2: 0.5, 5: 0.5}, "sd3": {2: 0.25, 5: 0.25, 77 + 1: 0.25, 77 + 4: 0.25}, "flux": {1: 0.5, 4: 0.5}}
+    expected = {
+        "sdxl": {2: 0.5, 5: 0.5},
+        "sd3": {2: 0.25, 5: 0.25, 77 + 1: 0.25, 77 + 4: 0.25},
+        "flux": {1: 0.5, 4: 0.5},
+    }
     assert {int(i): pytest.approx(float(weights[0, i, 0])) for i in weights[0, :, 0].nonzero()} == expected[name]
 
     store = AttentionStore(weights)
@@ -147,7 +196,9 @@ def test_custom_pipeline_loads_each_family(family, tmp_path):
     name, pipe, fast = family
     folder = save_tiny_pipeline(tmp_path / name, name, seed=0)
     shim = {"sdxl": "diffumask_xl", "sd3": "diffumask_sd3", "flux": "diffumask_flux"}[name]
-    loaded = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(REPO / "pipelines" / shim), trust_remote_code=True)
+    loaded = DiffusionPipeline.from_pretrained(
+        folder, custom_pipeline=str(REPO / "pipelines" / shim), trust_remote_code=True
+    )
     assert type(loaded).__name__ == type(pipe).__name__
     loaded.set_progress_bar_config(disable=True)
     out = loaded("a dog", class_names=["dog"], generator=generator(), output_type="np", **fast)
@@ -175,8 +226,12 @@ def test_flux_true_cfg_negative_pass_is_not_recorded():
         pipe("a dog on the grass", generator=generator(), output_type="latent", **fast)
     with diffuseg.capture(pipe, words=["dog"]) as guided:
         pipe(
-            "a dog on the grass", negative_prompt="a blurry cat", true_cfg_scale=3.0, generator=generator(),
-            output_type="latent", **fast,
+            "a dog on the grass",
+            negative_prompt="a blurry cat",
+            true_cfg_scale=3.0,
+            generator=generator(),
+            output_type="latent",
+            **fast,
         )
     assert guided.store.step == 0 and guided.store.cross_counts == plain.store.cross_counts
     assert torch.allclose(guided.aggregate(), plain.aggregate(), atol=1e-6)
@@ -186,7 +241,14 @@ def test_sd3_without_t5_and_blocks_choice():
     pipe = tiny_pipeline("sd3", pipeline_class=DiffuMaskSD3Pipeline, seed=0, t5=False)
     assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
     fast = FAMILIES["sd3"][2]
-    out = pipe("a dog on the grass", class_names=["dog", "grass"], blocks=[1], generator=generator(), output_type="np", **fast)
+    out = pipe(
+        "a dog on the grass",
+        class_names=["dog", "grass"],
+        blocks=[1],
+        generator=generator(),
+        output_type="np",
+        **fast,
+    )
     assert out.masks.shape == (1, 64, 64) and np.isfinite(out.attention_maps).all()
     with pytest.raises(ValueError, match="blocks must lie in 0..1"):
         pipe("a dog", class_names=["dog"], blocks=[2], **fast)
@@ -201,7 +263,12 @@ def test_concept_maps_change_nothing_and_split_pixels(name):
     fast = FAMILIES[name][2]
     prompts = ["a photo of a dog on the grass", "a cat"]
     expected = pipe(prompts, generator=generator(), output_type="np", **fast).images
-    with diffuseg.capture(pipe, words=[["dog", "grass"], ["cat"]], maps_from="concepts", other_concepts=["background"]) as maps:
+    with diffuseg.capture(
+        pipe,
+        words=[["dog", "grass"], ["cat"]],
+        maps_from="concepts",
+        other_concepts=["background"],
+    ) as maps:
         images = pipe(prompts, generator=generator(), output_type="np", **fast).images
     assert np.allclose(images, expected, atol=1e-5)
     concept = maps.per_resolution()[GRID]
@@ -213,18 +280,29 @@ def test_concept_maps_change_nothing_and_split_pixels(name):
 
 def test_concept_maps_need_an_mmdit():
     pipe = tiny_pipeline("sdxl", seed=0)
-    with pytest.raises(ValueError, match="needs an MM-DiT"):
-        with diffuseg.capture(pipe, words=["dog"], maps_from="concepts"):
-            pass
+    with (
+        pytest.raises(ValueError, match="needs an MM-DiT"),
+        diffuseg.capture(pipe, words=["dog"], maps_from="concepts"),
+    ):
+        pass
 
 
 def test_diffumask_concepts_option():
     pipe = tiny_pipeline("flux", pipeline_class=DiffuMaskFluxPipeline, seed=0)
     out = pipe(
-        "a dog on the grass", class_names=["dog", "grass"], maps_from="concepts", generator=generator(),
-        output_type="np", **FAMILIES["flux"][2],
+        "a dog on the grass",
+        class_names=["dog", "grass"],
+        maps_from="concepts",
+        generator=generator(),
+        output_type="np",
+        **FAMILIES["flux"][2],
     )
-    assert set(np.unique(out.masks)) <= {0, 1, 2, 255} and out.attention_maps.shape == (1, 2, 64, 64)
+    assert set(np.unique(out.masks)) <= {0, 1, 2, 255} and out.attention_maps.shape == (
+        1,
+        2,
+        64,
+        64,
+    )
 
 
 # ---------------------------------------------------------------- word lookup across CLIP and T5
@@ -242,8 +320,11 @@ def t5():
 
 def pieces(tokenizer, prompt, weights_column, offset=0, length=None):
     ids = tokenizer(prompt).input_ids
-    return [tokenizer.convert_ids_to_tokens(ids[i - offset]) for i in weights_column.nonzero().flatten().tolist()
-            if offset <= i < offset + (length or len(ids))]
+    return [
+        tokenizer.convert_ids_to_tokens(ids[i - offset])
+        for i in weights_column.nonzero().flatten().tolist()
+        if offset <= i < offset + (length or len(ids))
+    ]
 
 
 def test_t5_marks_word_starts_and_splits_unknown_words(t5):
@@ -253,7 +334,10 @@ def test_t5_marks_word_starts_and_splits_unknown_words(t5):
 
 def test_multi_token_word_one_vote_per_tokenizer(clip, t5):
     prompt = "a zebra on the grass"
-    segments = [TextSegment(clip, 77, [prompt], "CLIP"), TextSegment(t5, 32, [prompt], "T5")]
+    segments = [
+        TextSegment(clip, 77, [prompt], "CLIP"),
+        TextSegment(t5, 32, [prompt], "T5"),
+    ]
     weights = sequence_token_weights(segments, [["zebra"]])[0, :, 0]
     assert pieces(clip, prompt, weights[:77]) == ["z", "e", "b", "r", "a</w>"]
     assert pieces(t5, prompt, weights[77:]) == ["▁z", "e", "b", "r", "a"]
@@ -262,7 +346,10 @@ def test_multi_token_word_one_vote_per_tokenizer(clip, t5):
 
 def test_repeated_case_and_punctuation_across_tokenizers(clip, t5):
     prompt = "A Dog, and another dog!"
-    segments = [TextSegment(clip, 77, [prompt], "CLIP"), TextSegment(t5, 32, [prompt], "T5")]
+    segments = [
+        TextSegment(clip, 77, [prompt], "CLIP"),
+        TextSegment(t5, 32, [prompt], "T5"),
+    ]
     weights = sequence_token_weights(segments, [["dog"]])[0, :, 0]
     assert pieces(clip, prompt, weights[:77]) == ["dog</w>", "dog</w>"]
     # "Dog" is not a T5 piece (no lower-casing): "▁D" "o" "g"; "dog" is.
@@ -271,11 +358,20 @@ def test_repeated_case_and_punctuation_across_tokenizers(clip, t5):
 
 def test_words_past_each_limit(clip, t5):
     prompt = " ".join(["a"] * 80) + " dog"  # CLIP keeps 75 words, T5 with 128 keeps 127 pieces
-    segments = [TextSegment(clip, 77, [prompt], "CLIP"), TextSegment(t5, 128, [prompt], "T5")]
+    segments = [
+        TextSegment(clip, 77, [prompt], "CLIP"),
+        TextSegment(t5, 128, [prompt], "T5"),
+    ]
     weights = sequence_token_weights(segments, [["dog"]])[0, :, 0]
     assert weights[:77].sum() == 0 and weights[77:].sum() == pytest.approx(1.0)  # T5 alone sees it
-    short_t5 = [TextSegment(clip, 77, [prompt], "CLIP"), TextSegment(t5, 64, [prompt], "T5")]
-    with pytest.raises(ClassWordNotFoundError, match="CLIP \\(77 tokens\\): past the limit; T5 \\(64 tokens\\): past the limit"):
+    short_t5 = [
+        TextSegment(clip, 77, [prompt], "CLIP"),
+        TextSegment(t5, 64, [prompt], "T5"),
+    ]
+    with pytest.raises(
+        ClassWordNotFoundError,
+        match="CLIP \\(77 tokens\\): past the limit; T5 \\(64 tokens\\): past the limit",
+    ):
         sequence_token_weights(short_t5, [["dog"]])
     with pytest.raises(ClassWordNotFoundError, match="'cat'.*not in"):
         sequence_token_weights(segments, [["cat"]])
@@ -284,7 +380,10 @@ def test_words_past_each_limit(clip, t5):
 def test_flux_word_past_max_sequence_length():
     pipe = tiny_pipeline("flux", pipeline_class=DiffuMaskFluxPipeline, seed=0)
     fast = dict(FAMILIES["flux"][2], max_sequence_length=8)
-    with pytest.raises(ClassWordNotFoundError, match="'dog' appears only after the text encoder's 8-token limit"):
+    with pytest.raises(
+        ClassWordNotFoundError,
+        match="'dog' appears only after the text encoder's 8-token limit",
+    ):
         pipe("a photo of a big red and small dog", class_names=["dog"], **fast)
     out = pipe("a dog", class_names=["dog"], generator=generator(), output_type="np", **fast)
     assert out.masks.shape == (1, 64, 64)

@@ -67,16 +67,31 @@ class JointExplicitAttnProcessor:
     mixed, so controllers may edit MM-DiT attention as they edit UNet cross-attention.
     """
 
-    def __init__(self, controller: "AttentionController", original, state: _CallState, flux: bool) -> None:
+    def __init__(self, controller: AttentionController, original, state: _CallState, flux: bool) -> None:
         self.controller = controller
         self.original = original
         self.state = state
         self.flux = flux
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+        **kwargs,
+    ):
         single_stream = encoder_hidden_states is None
         if single_stream and not self.flux:  # SD3.5's image-only attention: no text to read
-            return self._original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, kwargs)
+            return self._original(
+                attn,
+                hidden_states,
+                encoder_hidden_states,
+                attention_mask,
+                image_rotary_emb,
+                kwargs,
+            )
         text_length = self.state.text_length if single_stream else encoder_hidden_states.shape[1]
         image_length = hidden_states.shape[1] - (text_length if single_stream else 0)
         size = self.controller.map_size(image_length)
@@ -85,7 +100,14 @@ class JointExplicitAttnProcessor:
         wants_self = size is not None and self.controller.wants("self", size)
         wants_concepts = concepts is not None and size is not None and not single_stream and concepts.wants(attn)
         if not (wants_cross or wants_self or wants_concepts):
-            return self._original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, kwargs)
+            return self._original(
+                attn,
+                hidden_states,
+                encoder_hidden_states,
+                attention_mask,
+                image_rotary_emb,
+                kwargs,
+            )
 
         query, key, value = (self._flux_qkv if self.flux else self._sd3_qkv)(
             attn, hidden_states, encoder_hidden_states, image_rotary_emb
@@ -99,7 +121,10 @@ class JointExplicitAttnProcessor:
 
         out = value.new_empty(batch, heads, tokens, head_dim)
         out[:, :, text] = F.scaled_dot_product_attention(
-            query[:, :, text], key, value, attn_mask=None if mask is None else _rows(mask, text)
+            query[:, :, text],
+            key,
+            value,
+            attn_mask=None if mask is None else _rows(mask, text),
         )
         rows = max(1, hidden_states.numel() // (batch * heads * tokens))
         for start in range(0, image_length, rows):
@@ -120,11 +145,25 @@ class JointExplicitAttnProcessor:
             out[:, :, rows_in_sequence] = torch.matmul(probs.to(value.dtype), value)
         if wants_concepts:
             image_keys = slice(image_start, image_start + image_length)
-            concepts.attend(attn, out[:, :, image_keys], key[:, :, image_keys], value[:, :, image_keys], size)
+            concepts.attend(
+                attn,
+                out[:, :, image_keys],
+                key[:, :, image_keys],
+                value[:, :, image_keys],
+                size,
+            )
         hidden = out.transpose(1, 2).flatten(2).to(query.dtype)
         return (self._flux_out if self.flux else self._sd3_out)(attn, hidden, encoder_hidden_states, image_length)
 
-    def _original(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, kwargs):
+    def _original(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states,
+        attention_mask,
+        image_rotary_emb,
+        kwargs,
+    ):
         if image_rotary_emb is not None:
             kwargs["image_rotary_emb"] = image_rotary_emb
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
@@ -171,7 +210,11 @@ class JointExplicitAttnProcessor:
         def heads(x):
             return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
 
-        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        query, key, value = (
+            heads(attn.to_q(hidden_states)),
+            heads(attn.to_k(hidden_states)),
+            heads(attn.to_v(hidden_states)),
+        )
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -215,7 +258,9 @@ def _rows(mask: torch.Tensor, rows: slice) -> torch.Tensor:
 
 @contextmanager
 def control(
-    transformer: torch.nn.Module, controller: "AttentionController", blocks: Iterable[int] | None = None
+    transformer: torch.nn.Module,
+    controller: AttentionController,
+    blocks: Iterable[int] | None = None,
 ) -> Iterator:
     """Install ``controller`` on the joint attention of ``blocks`` (default: all) inside the ``with`` block.
 
@@ -226,9 +271,11 @@ def control(
     """
     flux = is_flux(transformer)
     layers = joint_attention_layers(transformer)
-    chosen = range(len(layers)) if blocks is None else sorted(set(int(b) for b in blocks))
+    chosen = range(len(layers)) if blocks is None else sorted({int(b) for b in blocks})
     if any(not 0 <= b < len(layers) for b in chosen):
-        raise ValueError(f"blocks must lie in 0..{len(layers) - 1} (this transformer has {len(layers)}), got {list(blocks)}")
+        raise ValueError(
+            f"blocks must lie in 0..{len(layers) - 1} (this transformer has {len(layers)}), got {list(blocks)}"
+        )
     layers = [layers[b] for b in chosen]
     concepts = getattr(controller, "concepts", None)
     if concepts is not None:  # the concept stream runs through every double-stream block up to the last recorded
@@ -321,7 +368,7 @@ class ConceptStream:
 
     def __init__(self, transformer: torch.nn.Module, store, blocks: Iterable[int] | None = None) -> None:
         joint = list(transformer.transformer_blocks)
-        chosen = range(len(joint)) if blocks is None else sorted(set(int(b) for b in blocks))
+        chosen = range(len(joint)) if blocks is None else sorted({int(b) for b in blocks})
         recorded = [b for b in chosen if b < len(joint)]
         if not recorded:
             raise ValueError(
@@ -349,7 +396,7 @@ class ConceptStream:
         return self.embeddings is not None and id(attn) in self.block_of and self.store.recording_step()
 
     @contextmanager
-    def attached(self) -> Iterator["ConceptStream"]:
+    def attached(self) -> Iterator[ConceptStream]:
         """Hooks that start the stream at each transformer call and hand each block's conditioning to it."""
 
         def on_transformer_call(module, args, kwargs):
@@ -387,7 +434,11 @@ class ConceptStream:
         def heads(x):
             return x.view(images, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
 
-        query, key, value = heads(attn.add_q_proj(normed)), heads(attn.add_k_proj(normed)), heads(attn.add_v_proj(normed))
+        query, key, value = (
+            heads(attn.add_q_proj(normed)),
+            heads(attn.add_k_proj(normed)),
+            heads(attn.add_v_proj(normed)),
+        )
         if attn.norm_added_q is not None:
             query = attn.norm_added_q(query)
         if attn.norm_added_k is not None:
@@ -401,7 +452,9 @@ class ConceptStream:
         concept_out = concept_out.transpose(1, 2).flatten(2)
         if id(attn) in self.recorded:
             image_flat = image_out[cond].transpose(1, 2).flatten(2)  # (images, tokens, heads × dim)
-            similarity = torch.bmm(image_flat.float(), concept_out.float().transpose(1, 2))  # (images, tokens, concepts)
+            similarity = torch.bmm(
+                image_flat.float(), concept_out.float().transpose(1, 2)
+            )  # (images, tokens, concepts)
             similarity.masked_fill_(~self.valid[:, None, :].to(similarity.device), float("-inf"))
             maps = similarity.softmax(dim=-1)[..., : self.reported]
             self.store.add_word_maps(size, maps.transpose(1, 2))

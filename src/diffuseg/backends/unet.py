@@ -40,7 +40,15 @@ class ExplicitAttnProcessor:
         self.controller = controller
         self.original = original
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        **kwargs,
+    ):
         kind = "self" if encoder_hidden_states is None else "cross"
         if hidden_states.ndim == 4:
             size = tuple(hidden_states.shape[-2:])
@@ -65,7 +73,11 @@ class ExplicitAttnProcessor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        query, key, value = (
+            attn.to_q(hidden_states),
+            attn.to_k(context),
+            attn.to_v(context),
+        )
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
         key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
@@ -102,7 +114,11 @@ class ExplicitAttnProcessor:
 
 
 @contextmanager
-def control(unet: torch.nn.Module, controller: "AttentionController", blocks: Iterable[int] | None = None) -> Iterator:
+def control(
+    unet: torch.nn.Module,
+    controller: AttentionController,
+    blocks: Iterable[int] | None = None,
+) -> Iterator:
     """Install ``controller`` on every attention layer of ``unet`` inside the ``with`` block."""
     if blocks is not None:
         raise ValueError("a UNet's layers are chosen by `resolutions`, not `blocks` (blocks are for MM-DiT models)")

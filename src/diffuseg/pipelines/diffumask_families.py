@@ -118,7 +118,14 @@ class DiffuMaskFamilyMixin:
 
         # 2-3. What DiffuMask does with maps: aggregate, refine, threshold into label maps.
         masks, attention = masks_from_maps(
-            maps, words, num_images_per_prompt, maps.image_size, threshold, ignore_band, refine, refine_iterations,
+            maps,
+            words,
+            num_images_per_prompt,
+            maps.image_size,
+            threshold,
+            ignore_band,
+            refine,
+            refine_iterations,
             min_component_area,
         )
         self.maybe_free_model_hooks()
