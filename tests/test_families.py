@@ -387,3 +387,17 @@ def test_flux_word_past_max_sequence_length():
         pipe("a photo of a big red and small dog", class_names=["dog"], **fast)
     out = pipe("a dog", class_names=["dog"], generator=generator(), output_type="np", **fast)
     assert out.masks.shape == (1, 64, 64)
+
+
+# ---------------------------------------------------------------- family detection for the commands
+
+
+def test_family_from_model_index(tmp_path):
+    from diffuseg.families import model_family, pipeline_class_for
+
+    assert model_family("shapesworld") == "sd"  # its model_index names DiffuMaskPipeline
+    folder = save_tiny_pipeline(tmp_path / "flux", "flux", seed=0)
+    assert model_family(folder) == "flux"
+    assert pipeline_class_for("diffumask", folder) is DiffuMaskFluxPipeline
+    with pytest.raises(ValueError, match="maskdiffusion does not run on flux models .* it runs on: sd"):
+        pipeline_class_for("maskdiffusion", folder)
