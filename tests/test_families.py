@@ -250,6 +250,10 @@ def test_sd3_without_t5_and_blocks_choice():
         **fast,
     )
     assert out.masks.shape == (1, 64, 64) and np.isfinite(out.attention_maps).all()
+    refined = pipe(
+        "a dog on the grass", class_names=["dog", "grass"], blocks=[1], refine=True, generator=generator(), output_type="np", **fast
+    )
+    assert set(np.unique(refined.masks)) <= {0, 1, 2, 255} and not np.allclose(refined.attention_maps, out.attention_maps)
     with pytest.raises(ValueError, match="blocks must lie in 0..1"):
         pipe("a dog", class_names=["dog"], blocks=[2], **fast)
     long = " ".join(["a"] * 80) + " dog"

@@ -141,7 +141,9 @@ class JointExplicitAttnProcessor:
                     probs[..., text] = replaced
             if wants_self:
                 image_keys = slice(image_start, image_start + image_length)
-                self.controller("self", size, probs[..., image_keys], chunk)
+                # Renormalised over the image keys: an affinity whose rows sum to 1, as a UNet's self-attention.
+                affinity = probs[..., image_keys]
+                self.controller("self", size, affinity / affinity.sum(dim=-1, keepdim=True), chunk)
             out[:, :, rows_in_sequence] = torch.matmul(probs.to(value.dtype), value)
         if wants_concepts:
             image_keys = slice(image_start, image_start + image_length)
