@@ -175,6 +175,31 @@ def test_word_twice_is_the_mean_of_its_occurrences(family):
     assert torch.allclose(mean.flatten(), reference.flatten(), atol=1e-6)
 
 
+class ExplicitStore(AttentionStore):
+    """An AttentionStore that sees every probability slice (no fused readout)."""
+
+    def __call__(self, kind, size, probs, queries):
+        return super().__call__(kind, size, probs, queries)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_fused_readout_equals_explicit_probabilities(name):
+    pipe = tiny_pipeline(name, seed=0)
+    fast = FAMILIES[name][2]
+    prompts = ["a zebra on the grass", "a dog and a dog"]
+    segments = backend_for(pipe.transformer).text_segments(pipe, prompts, {"max_sequence_length": 32})
+    weights = sequence_token_weights(segments, [["zebra", "grass"], ["dog"]], num_images_per_prompt=2)
+    maps = {}
+    for store_class in (AttentionStore, ExplicitStore):
+        store = store_class(weights)
+        with attention_control(pipe.transformer, store):
+            pipe(prompts, num_images_per_prompt=2, generator=generator(), output_type="latent", **fast)
+        maps[store_class] = store.cross_attention()[GRID]
+    assert AttentionStore(weights).readout_weights(GRID) is weights and ExplicitStore(weights).readout_weights(GRID) is None
+    assert torch.allclose(maps[AttentionStore], maps[ExplicitStore], atol=1e-6)
+    assert maps[AttentionStore].abs().sum() > 0
+
+
 def test_processors_restored_after_success_and_error(family):
     _, pipe, fast = family
     denoiser = denoiser_of(pipe)

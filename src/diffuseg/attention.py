@@ -89,6 +89,19 @@ class AttentionController:
         """Whether the ``kind`` ("cross" or "self") layer at ``size`` is computed explicitly."""
         return False
 
+    def readout_weights(self, size: Size) -> torch.Tensor | None:
+        """``(images, text tokens, words)`` when all the controller needs of a cross layer at ``size``
+        is ``probs @ weights`` (no edit, no full probabilities); None otherwise (the default).
+
+        MM-DiT backends then compute the maps inside fused attention and hand them to
+        :meth:`add_readout` instead of calling the controller with probabilities.
+        """
+        return None
+
+    def add_readout(self, size: Size, maps: torch.Tensor) -> None:
+        """``(batch, heads, image tokens, words)``: ``probs @ readout_weights(size)`` of one whole layer."""
+        raise NotImplementedError
+
     def __call__(self, kind: str, size: Size, probs: torch.Tensor, queries: slice) -> torch.Tensor | None:
         """See the probabilities of query rows ``queries``; return replacements or None.
 
@@ -200,6 +213,13 @@ class AttentionStore(AttentionController):
                 and (self.resolutions is None or size[0] in self.resolutions)
             )
         return size[0] == self.self_attention_resolution
+
+    def readout_weights(self, size: Size) -> torch.Tensor | None:
+        # Subclasses that see or edit the probabilities themselves get them.
+        return self.token_weights if type(self).__call__ is AttentionStore.__call__ else None
+
+    def add_readout(self, size: Size, maps: torch.Tensor) -> None:
+        self.add_word_maps(size, self.conditional(maps).mean(dim=1).transpose(1, 2))
 
     def conditional(self, probs: torch.Tensor) -> torch.Tensor:
         """The part of a UNet batch that belongs to the conditional (text) branch."""

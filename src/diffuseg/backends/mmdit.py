@@ -118,6 +118,13 @@ class JointExplicitAttnProcessor:
         image_start = text_length if self.flux else 0
         mask = _additive_mask(attention_mask, query.dtype)
         scale = head_dim**-0.5
+        readout = None
+        if wants_cross and not wants_self and not wants_concepts and mask is None:
+            readout = self.controller.readout_weights(size)
+        if readout is not None:
+            out = self._attention_with_readout(query, key, value, readout, text, image_start, image_length, size)
+            hidden = out.transpose(1, 2).flatten(2).to(query.dtype)
+            return (self._flux_out if self.flux else self._sd3_out)(attn, hidden, encoder_hidden_states, image_length)
 
         out = value.new_empty(batch, heads, tokens, head_dim)
         out[:, :, text] = F.scaled_dot_product_attention(
@@ -156,6 +163,39 @@ class JointExplicitAttnProcessor:
             )
         hidden = out.transpose(1, 2).flatten(2).to(query.dtype)
         return (self._flux_out if self.flux else self._sd3_out)(attn, hidden, encoder_hidden_states, image_length)
+
+    def _attention_with_readout(self, query, key, value, weights, text, image_start, image_length, size):
+        """Fused attention that also returns the word maps, without materialising any probability.
+
+        The controller needs only ``probs[image rows, text keys] @ weights``. Appending the
+        weights (zeros on image keys) to the values as ``words`` extra channels makes SDPA
+        compute exactly that in the extra output channels; queries and keys get zero channels
+        so the scores, and the scale, stay those of the head dim. The cost is ``words`` more
+        value channels, not an explicit ``rows × keys`` softmax.
+        """
+        batch, heads, tokens, head_dim = query.shape
+        images, text_tokens, words = weights.shape
+        if text_tokens != text.stop - text.start:
+            raise ValueError(
+                f"the text sequence has {text.stop - text.start} tokens but the class words were looked up in "
+                f"{text_tokens}; pass the prompt as text, not as prompt_embeds of another length"
+            )
+        if batch % images:
+            raise ValueError(f"the transformer batch ({batch}) is not a multiple of the {images} images")
+        # Extra channels rounded up to a multiple of 8: fused GPU kernels want head dims that are.
+        channels = -(-words // 8) * 8
+        extra = value.new_zeros(batch, 1, tokens, channels)
+        extra[:, 0, text, :words] = weights.to(value).repeat(batch // images, 1, 1)
+        pad = (0, channels)
+        out = F.scaled_dot_product_attention(
+            F.pad(query, pad),
+            F.pad(key, pad),
+            torch.cat([value, extra.expand(-1, heads, -1, -1)], dim=-1),
+            scale=head_dim**-0.5,
+        )
+        image = slice(image_start, image_start + image_length)
+        self.controller.add_readout(size, out[:, :, image, head_dim : head_dim + words].float())
+        return out[..., :head_dim]
 
     def _original(
         self,
