@@ -20,8 +20,13 @@ The two families differ in where the text sits and how the sequence is formed:
   whose grid comes from ``img_ids``; rotary embeddings are applied to queries and keys
   before the softmax, as the original processor does (text positions have id 0).
 
-Only the blocks recorded run the explicit attention, in slices of query rows as for the
-UNet; every other block keeps its processor, and all come back on exit.
+Only the blocks recorded are touched; every other block keeps its processor, and all come
+back on exit. A recorded block computes the word maps *inside* fused attention when its
+controller needs no more than ``probs @ token weights`` (an :class:`AttentionStore`): the
+weights ride along as extra value channels, so no probability is materialised and the cost
+is a few more channels (sequences of 4,096+ tokens make explicit attention expensive).
+Controllers that see or edit probabilities, self-attention for refinement and concept maps
+get explicit attention in slices of query rows, as for the UNet.
 """
 
 from __future__ import annotations
