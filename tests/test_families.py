@@ -195,7 +195,10 @@ def test_fused_readout_equals_explicit_probabilities(name):
         with attention_control(pipe.transformer, store):
             pipe(prompts, num_images_per_prompt=2, generator=generator(), output_type="latent", **fast)
         maps[store_class] = store.cross_attention()[GRID]
-    assert AttentionStore(weights).readout_weights(GRID) is weights and ExplicitStore(weights).readout_weights(GRID) is None
+    assert (
+        AttentionStore(weights).readout_weights(GRID) is weights
+        and ExplicitStore(weights).readout_weights(GRID) is None
+    )
     assert torch.allclose(maps[AttentionStore], maps[ExplicitStore], atol=1e-6)
     assert maps[AttentionStore].abs().sum() > 0
 
@@ -276,9 +279,17 @@ def test_sd3_without_t5_and_blocks_choice():
     )
     assert out.masks.shape == (1, 64, 64) and np.isfinite(out.attention_maps).all()
     refined = pipe(
-        "a dog on the grass", class_names=["dog", "grass"], blocks=[1], refine=True, generator=generator(), output_type="np", **fast
+        "a dog on the grass",
+        class_names=["dog", "grass"],
+        blocks=[1],
+        refine=True,
+        generator=generator(),
+        output_type="np",
+        **fast,
     )
-    assert set(np.unique(refined.masks)) <= {0, 1, 2, 255} and not np.allclose(refined.attention_maps, out.attention_maps)
+    assert set(np.unique(refined.masks)) <= {0, 1, 2, 255} and not np.allclose(
+        refined.attention_maps, out.attention_maps
+    )
     with pytest.raises(ValueError, match="blocks must lie in 0..1"):
         pipe("a dog", class_names=["dog"], blocks=[2], **fast)
     long = " ".join(["a"] * 80) + " dog"
@@ -430,3 +441,16 @@ def test_family_from_model_index(tmp_path):
     assert pipeline_class_for("diffumask", folder) is DiffuMaskFluxPipeline
     with pytest.raises(ValueError, match="maskdiffusion does not run on flux models .* it runs on: sd"):
         pipeline_class_for("maskdiffusion", folder)
+
+
+def test_concepts_default_background_and_class_word_not_doubled():
+    pipe = tiny_pipeline("sd3", pipeline_class=DiffuMaskSD3Pipeline, seed=0)
+    fast = FAMILIES["sd3"][2]
+    one = pipe("a dog", class_names=["dog"], maps_from="concepts", generator=generator(), output_type="np", **fast)
+    # With "background" competing, the one class does not take every pixel at full strength.
+    assert one.attention_maps.shape == (1, 1, 64, 64) and one.attention_maps.min() < 1.0
+    with diffuseg.capture(pipe, words=["background"], maps_from="concepts", other_concepts=["background"]) as maps:
+        StableDiffusion3Pipeline.__call__(
+            pipe, "a dog on a background", generator=generator(), output_type="latent", **fast
+        )
+    assert torch.allclose(maps.per_resolution()[GRID], torch.ones(1, 1, *GRID))  # the only concept: itself

@@ -408,7 +408,10 @@ def capture(
 
     def concept_embeddings(per_prompt: list[list[str]], copies: int, arguments: dict) -> None:
         """Each distinct word encoded alone, its tokens averaged as for the maps: one concept token per word."""
-        distinct = list(dict.fromkeys([*(w for prompt_words in per_prompt for w in prompt_words), *other_concepts]))
+        class_words = [w for prompt_words in per_prompt for w in prompt_words]
+        # A class word named again as another concept would split its own pixels with itself.
+        others_here = [w for w in other_concepts if w.lower() not in {c.lower() for c in class_words}]
+        distinct = list(dict.fromkeys([*class_words, *others_here]))
         call = {"prompt": distinct, "num_images_per_prompt": 1}
         for name, value in (("prompt_2", None), ("prompt_3", None), ("do_classifier_free_guidance", False)):
             if name in signature.parameters:
@@ -421,7 +424,7 @@ def capture(
         vectors = torch.einsum("wt,wtd->wd", alone[..., 0].to(embeds), embeds)
         # Columns: the image's words (padded to the longest list), then the other concepts.
         words_width = max(len(prompt_words) for prompt_words in per_prompt)
-        others = [distinct.index(w) for w in other_concepts]
+        others = [distinct.index(w) for w in others_here]
         rows = [[distinct.index(w) for w in prompt_words] for prompt_words in per_prompt for _ in range(copies)]
         table = vectors.new_zeros(len(rows), words_width + len(others), vectors.shape[-1])
         valid = torch.zeros(len(rows), words_width + len(others), dtype=torch.bool)

@@ -92,7 +92,5 @@ def pipeline_class_for(method: str, model: str | os.PathLike | None = None) -> t
         raise ValueError(f"unknown method {method!r}; methods: {', '.join(table)}")
     family = model_family(model)
     if family not in table[method]:
-        raise ValueError(
-            f"{method} does not run on {family} models ({model}); it runs on: {', '.join(table[method])}"
-        )
+        raise ValueError(f"{method} does not run on {family} models ({model}); it runs on: {', '.join(table[method])}")
     return table[method][family]

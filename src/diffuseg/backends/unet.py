@@ -142,7 +142,12 @@ def control(
 
 
 def text_segments(pipe, prompts: list[str], arguments: dict) -> list[TextSegment]:
-    """The UNet's text sequence: one CLIP stretch (SDXL: both encoders share its positions)."""
+    """The UNet's text sequence: one CLIP stretch (SDXL: both encoders share its positions).
+
+    SDXL's second encoder reads ``prompt_2`` (default: the prompt); the positions are those of
+    the prompt in the first tokenizer, so give ``prompt_2`` the same words at the same places,
+    or leave it out.
+    """
     tokenizer = pipe.tokenizer if getattr(pipe, "tokenizer", None) is not None else pipe.tokenizer_2
     return [TextSegment(tokenizer, tokenizer.model_max_length, prompts, "CLIP")]
 

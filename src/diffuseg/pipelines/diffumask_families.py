@@ -45,7 +45,7 @@ class DiffuMaskFamilyMixin:
         output_type: str = "pil",
         return_dict: bool = True,
         maps_from: MapSource = "cross_attention",
-        other_concepts: Sequence[str] = (),
+        other_concepts: Sequence[str] | None = None,
         resolutions: Sequence[int] | None = None,
         blocks: Sequence[int] | None = None,
         attention_steps: tuple[float, float] = (0.0, 1.0),
@@ -68,7 +68,8 @@ class DiffuMaskFamilyMixin:
             maps_from: ``"cross_attention"``: the words' share of the image's attention;
                 ``"concepts"`` (SD3, FLUX): ConceptAttention's maps (see :func:`diffuseg.capture`).
             other_concepts: with ``maps_from="concepts"``, concepts that compete for pixels but
-                get no mask (e.g. ``["background"]``; needed when there is one class word).
+                get no mask; default ``["background"]`` (with one class word and no other concept,
+                the softmax over concepts would give it every pixel).
             resolutions: UNet only: heights of the attention maps to aggregate; ``None``: all.
             blocks: MM-DiT only: transformer blocks whose attention is averaged; ``None``: all.
             attention_steps: ``(start, end)`` fractions of the steps actually run whose attention
@@ -92,6 +93,8 @@ class DiffuMaskFamilyMixin:
         if not 0.0 <= attention_steps[0] < attention_steps[1] <= 1.0:
             raise ValueError(f"attention_steps must satisfy 0 <= start < end <= 1, got {attention_steps}")
         thresholds(torch.zeros(1, 1, 1), threshold)  # fail now, not after the generation, on a bad method
+        if other_concepts is None:
+            other_concepts = ["background"] if maps_from == "concepts" else []
 
         # 1. Generate with the family's own pipeline while recording the class words' maps.
         height = kwargs.get("height") or self.default_sample_size * self.vae_scale_factor
