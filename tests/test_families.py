@@ -454,3 +454,11 @@ def test_concepts_default_background_and_class_word_not_doubled():
             pipe, "a dog on a background", generator=generator(), output_type="latent", **fast
         )
     assert torch.allclose(maps.per_resolution()[GRID], torch.ones(1, 1, *GRID))  # the only concept: itself
+
+
+def test_string_negative_prompt_with_a_list_of_prompts(family):
+    name, pipe, fast = family
+    extra = {"true_cfg_scale": 2.0} if name == "flux" else {}
+    for prompt in ("a dog", ["a dog", "a dog on the grass"]):
+        out = pipe(prompt, class_names=["dog"], negative_prompt="a cat", output_type="np", **extra, **fast)
+        assert out.masks.shape[0] == (1 if isinstance(prompt, str) else 2)

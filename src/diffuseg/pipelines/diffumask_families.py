@@ -112,7 +112,7 @@ class DiffuMaskFamilyMixin:
             self_attention_resolution=self_attention_height(grid) if refine else None,
         ) as maps:
             generated = super().__call__(
-                prompt=prompts,
+                prompt=prompt,  # as given: the family pipeline pairs a string with a string negative_prompt
                 num_images_per_prompt=num_images_per_prompt,
                 output_type=output_type,
                 return_dict=True,
