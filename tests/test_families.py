@@ -462,3 +462,35 @@ def test_string_negative_prompt_with_a_list_of_prompts(family):
     for prompt in ("a dog", ["a dog", "a dog on the grass"]):
         out = pipe(prompt, class_names=["dog"], negative_prompt="a cat", output_type="np", **extra, **fast)
         assert out.masks.shape[0] == (1 if isinstance(prompt, str) else 2)
+
+
+class ScaleTextAttention(AttentionController):
+    """Multiplies every image → text probability by ``factor`` (an edit, as prompt-to-prompt makes)."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor, self.calls = factor, 0
+
+    def wants(self, kind, size):
+        return kind == "cross"
+
+    def __call__(self, kind, size, probs, queries):
+        self.calls += 1
+        return probs * self.factor
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_controllers_can_edit_mmdit_attention(name):
+    pipe = tiny_pipeline(name, seed=0)
+    fast = FAMILIES[name][2]
+
+    def latents(controller=None):
+        if controller is None:
+            return pipe("a dog", generator=generator(), output_type="latent", **fast).images
+        with attention_control(pipe.transformer, controller):
+            return pipe("a dog", generator=generator(), output_type="latent", **fast).images
+
+    plain = latents()
+    identity, silenced = ScaleTextAttention(1.0), ScaleTextAttention(0.0)
+    assert torch.allclose(latents(identity), plain, atol=1e-5) and identity.calls > 0
+    assert not torch.allclose(latents(silenced), plain, atol=1e-3)

@@ -38,8 +38,8 @@ class DiffuMaskFamilyMixin:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str] = None,
-        class_names: Sequence[str] | Sequence[Sequence[str]] = None,
+        prompt: str | list[str] | None = None,
+        class_names: Sequence[str] | Sequence[Sequence[str]] | None = None,
         *,
         num_images_per_prompt: int = 1,
         output_type: str = "pil",
