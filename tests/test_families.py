@@ -13,7 +13,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
 import diffuseg
-from diffuseg.attention import AttentionController, AttentionStore, attention_control
+from diffuseg.attention import AttentionController, AttentionStore, attention_control, step_window
 from diffuseg.backends import backend_for, denoiser_of
 from diffuseg.pipelines import (
     DiffuMaskFluxPipeline,
@@ -239,7 +239,7 @@ def test_attention_window_follows_the_schedule_run(family):
     name, pipe, fast = family
     pipe = plain_of(name, pipe)
     schedule = {"timesteps": [999, 749, 499, 249]} if name == "sdxl" else {"sigmas": [1.0, 0.75, 0.5, 0.25]}
-    with diffuseg.capture(pipe, words=["dog"], step_window=(0.5, 1.0)) as maps:
+    with diffuseg.capture(pipe, words=["dog"], steps=lambda: step_window((0.5, 1.0), pipe.num_timesteps)) as maps:
         pipe("a dog", generator=generator(), output_type="latent", **{**fast, **schedule})
     assert maps.store.step == 3 and maps.store.steps == (2, 4)
 

@@ -39,7 +39,20 @@ from diffuseg.backends.unet import ExplicitAttnProcessor  # noqa: F401  (public 
 from diffuseg.tokens import sequence_token_weights
 
 Size = tuple[int, int]
+StepWindow = tuple[int, int]
 MapSource = Literal["cross_attention", "concepts"]
+
+
+def step_window(fractions: tuple[float, float], num_steps: int) -> StepWindow:
+    """UNet evaluations ``[start, stop)`` spanning ``fractions`` of a schedule of ``num_steps``; never empty.
+
+    ``num_steps`` must be the schedule the pipeline runs (``pipe.num_timesteps`` once it has set
+    its timesteps: one UNet evaluation each), not the ``num_inference_steps`` asked for: custom
+    ``timesteps`` or ``sigmas`` set their own length, and second-order samplers (Heun) evaluate
+    the UNet about twice a step.
+    """
+    start = min(round(fractions[0] * num_steps), num_steps - 1)
+    return start, max(start + 1, round(fractions[1] * num_steps))
 
 
 class AttentionController:
@@ -144,13 +157,11 @@ class AttentionStore(AttentionController):
             may be set later, before the UNet runs.
         resolutions: heights of the cross-attention maps to record (e.g. ``(16, 32, 64)`` for
             SD at 512²); ``None`` records every resolution.
-        steps: ``(start, stop)`` denoiser evaluations to record; ``None`` records all.
+        steps: ``(start, stop)`` denoiser evaluations to record; ``None`` records all. A function
+            returning them is called at the first evaluation, when the pipeline has set its
+            schedule, e.g. ``lambda: step_window((0.5, 1.0), pipe.num_timesteps)``.
         self_attention_resolution: height of the one self-attention resolution to record
             (for refinement); ``None`` records none.
-        step_window: ``(start, end)`` fractions of the denoising steps to record, turned into
-            ``steps`` at the first evaluation from ``schedule_length()``, the number of steps
-            the pipeline really runs (custom ``timesteps``/``sigmas`` included); overrides ``steps``.
-        schedule_length: see ``step_window``.
 
     Attributes:
         negative_contexts: text sequences of negative prompts; a denoiser evaluation on one of
@@ -161,17 +172,11 @@ class AttentionStore(AttentionController):
         self,
         token_weights: torch.Tensor | None = None,
         resolutions: Iterable[int] | None = None,
-        steps: tuple[int, int] | None = None,
+        steps: StepWindow | Callable[[], StepWindow] | None = None,
         self_attention_resolution: int | None = None,
-        step_window: tuple[float, float] | None = None,
-        schedule_length: Callable[[], int] | None = None,
     ) -> None:
         super().__init__()
-        if step_window is not None and schedule_length is None:
-            raise ValueError("step_window needs schedule_length, the number of steps the pipeline runs")
         self.token_weights = token_weights
-        self.step_window = step_window
-        self.schedule_length = schedule_length
         self.negative_contexts: list[torch.Tensor] = []
         # False when the word maps come from elsewhere (concept attention): the token weights
         # still say how many images there are.
@@ -196,8 +201,8 @@ class AttentionStore(AttentionController):
     ) -> None:
         negative = context is not None and any(context is c for c in self.negative_contexts)
         super().begin_denoiser_call(grid, batch, context, auxiliary or negative)
-        if self.step == 0 and self.step_window is not None and not self.skipping:
-            self.steps = step_range(self.step_window, self.schedule_length())
+        if callable(self.steps) and not self.skipping:
+            self.steps = self.steps()
 
     def recording_step(self) -> bool:
         """Whether the current denoiser evaluation is one to record."""
@@ -289,14 +294,6 @@ class AttentionStore(AttentionController):
         return refine_with_self_attention(maps, affinity, self.self_size, iterations)
 
 
-def step_range(window: tuple[float, float], total: int) -> tuple[int, int]:
-    """Denoiser evaluations ``(first, stop)`` covering the ``window`` fractions of ``total`` steps (at least one)."""
-    if not 0.0 <= window[0] < window[1] <= 1.0:
-        raise ValueError(f"attention_steps must satisfy 0 <= start < end <= 1, got {tuple(window)}")
-    first = round(window[0] * total)
-    return first, max(first + 1, round(window[1] * total))
-
-
 class AttentionMaps:
     """What :func:`capture` recorded, read after the pipeline call."""
 
@@ -341,10 +338,9 @@ def capture(
     words: Sequence[str] | Sequence[Sequence[str]],
     *,
     resolutions: Iterable[int] | None = None,
-    steps: tuple[int, int] | None = None,
+    steps: StepWindow | Callable[[], StepWindow] | None = None,
     self_attention_resolution: int | None = None,
     blocks: Iterable[int] | None = None,
-    step_window: tuple[float, float] | None = None,
     maps_from: MapSource = "cross_attention",
     other_concepts: Sequence[str] = (),
 ) -> Iterator[AttentionMaps]:
@@ -364,8 +360,7 @@ def capture(
     Args:
         pipe: a diffusers SD, SDXL, SD3 or FLUX pipeline (or a subclass), called with the prompt as text.
         words: class words, the same for every prompt, or one list per prompt.
-        resolutions, steps, self_attention_resolution, step_window: see :class:`AttentionStore`
-            (``step_window`` reads the schedule from ``pipe.num_timesteps``).
+        resolutions, steps, self_attention_resolution: see :class:`AttentionStore`.
         blocks: MM-DiT only: the transformer blocks recorded (default all), see :func:`attention_control`.
         maps_from: ``"cross_attention"`` (default): the word tokens' share of the image's
             attention; ``"concepts"`` (MM-DiT only): ConceptAttention's maps, each word encoded
@@ -393,8 +388,6 @@ def capture(
         resolutions=resolutions,
         steps=steps,
         self_attention_resolution=self_attention_resolution,
-        step_window=step_window,
-        schedule_length=lambda: pipe.num_timesteps,
     )
     shared_words = list(words) if words and all(isinstance(w, str) for w in words) else None
     if not words:

@@ -20,7 +20,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from diffuseg.attention import AttentionMaps, capture
+from diffuseg.attention import capture
 from diffuseg.masks import label_map, thresholds
 
 # Self-attention is recorded at the finest level with at most this many positions:
@@ -152,11 +152,14 @@ class DiffuMaskPipeline(StableDiffusionPipeline):
                 **kwargs,
             )
 
-        # 2-3. Aggregate, refine, threshold into label maps.
-        masks, attention = masks_from_maps(
-            maps, words, num_images_per_prompt, (height, width), threshold, ignore_band, refine, refine_iterations,
-            min_component_area,
-        )
+        # 2. Aggregate resolutions into one soft map per class word, at image size.
+        attention = maps.aggregate((height, width))
+        if refine:
+            attention = maps.store.refine(attention, refine_iterations)
+
+        # 3. Threshold each map and assemble one label map per image.
+        masks = label_maps_of(attention, words, num_images_per_prompt, threshold, ignore_band, min_component_area)
+
         self.maybe_free_model_hooks()
         return diffumask_output(generated.images, masks, attention, output_type, return_dict)
 
@@ -168,29 +171,19 @@ class DiffuMaskPipeline(StableDiffusionPipeline):
         return one_list_per_prompt(class_names, len(prompts), "class names")
 
 
-def masks_from_maps(
-    maps: AttentionMaps,
+def label_maps_of(
+    attention: torch.Tensor,
     words: list[list[str]],
     num_images_per_prompt: int,
-    size: tuple[int, int],
     threshold: str | float,
     ignore_band: float,
-    refine: bool,
-    refine_iterations: int,
     min_component_area: int,
-) -> tuple[np.ndarray, torch.Tensor]:
-    """DiffuMask's step from recorded maps to label maps, for every model family.
+) -> np.ndarray:
+    """DiffuMask's label maps ``uint8 (images, H, W)`` from soft maps ``(images, C, H, W)``, for every model family.
 
-    The resolutions are aggregated into one soft map per class word at ``size`` (each
-    upsampled, max-normalised, averaged), optionally refined along self-attention,
-    thresholded, and assembled into one label map per image.
-
-    Returns:
-        ``(masks, attention)``: ``uint8 (images, H, W)`` label maps and ``(images, C, H, W)`` soft maps.
+    Each map is thresholded; image ``i`` uses the maps of its own prompt's words (the rest are
+    padding); pixels near a threshold become 255, small components background.
     """
-    attention = maps.aggregate(size)
-    if refine:
-        attention = maps.store.refine(attention, refine_iterations)
     cutoffs = thresholds(attention, threshold)
     words_per_image = [len(w) for w in words for _ in range(num_images_per_prompt)]
     masks = np.stack(
@@ -199,7 +192,7 @@ def masks_from_maps(
             for i in range(attention.shape[0])
         ]
     )
-    return masks, attention
+    return masks
 
 
 def diffumask_output(images, masks: np.ndarray, attention: torch.Tensor, output_type: str, return_dict: bool):

@@ -1,7 +1,7 @@
 """DiffuMask on SDXL, SD3/SD3.5 and FLUX.1: each family's own pipeline, plus masks.
 
 The method is the one of :mod:`diffuseg.pipelines.diffumask` (maps → label maps in
-:func:`~diffuseg.pipelines.diffumask.masks_from_maps`); a family contributes only its
+:func:`~diffuseg.pipelines.diffumask.label_maps_of`); a family contributes only its
 pipeline (how the denoiser is driven) and its backend (how its attention is read,
 :mod:`diffuseg.backends`). Each class accepts every argument of the family's pipeline
 (``prompt_2``, ``negative_prompt``, ``guidance_scale``, ``true_cfg_scale``,
@@ -20,13 +20,13 @@ from typing import Any
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
-from diffuseg.attention import MapSource, capture
+from diffuseg.attention import MapSource, capture, step_window
 from diffuseg.backends import backend_for, denoiser_of
 from diffuseg.masks import thresholds
 from diffuseg.pipelines.diffumask import (
     DiffuMaskPipelineOutput,
     diffumask_output,
-    masks_from_maps,
+    label_maps_of,
     one_list_per_prompt,
     self_attention_height,
 )
@@ -106,7 +106,8 @@ class DiffuMaskFamilyMixin:
             words,
             resolutions=resolutions,
             blocks=blocks,
-            step_window=attention_steps,
+            # The window spans the schedule run, known once the pipeline has set its timesteps.
+            steps=lambda: step_window(attention_steps, self.num_timesteps),
             maps_from=maps_from,
             other_concepts=other_concepts,
             self_attention_resolution=self_attention_height(grid) if refine else None,
@@ -119,18 +120,13 @@ class DiffuMaskFamilyMixin:
                 **kwargs,
             )
 
-        # 2-3. What DiffuMask does with maps: aggregate, refine, threshold into label maps.
-        masks, attention = masks_from_maps(
-            maps,
-            words,
-            num_images_per_prompt,
-            maps.image_size,
-            threshold,
-            ignore_band,
-            refine,
-            refine_iterations,
-            min_component_area,
-        )
+        # 2. One soft map per class word at image size, as DiffuMask aggregates them.
+        attention = maps.aggregate(maps.image_size)
+        if refine:
+            attention = maps.store.refine(attention, refine_iterations)
+
+        # 3. What DiffuMask does with maps: threshold them into label maps.
+        masks = label_maps_of(attention, words, num_images_per_prompt, threshold, ignore_band, min_component_area)
         self.maybe_free_model_hooks()
         return diffumask_output(generated.images, masks, attention, output_type, return_dict)
 
