@@ -1,7 +1,7 @@
 """diffuseg: segmentation data and training-free segmentation from text-to-image diffusion models.
 
 >>> import diffuseg
->>> with diffuseg.capture(pipe, words=["dog"]) as maps:   # any Stable Diffusion pipeline
+>>> with diffuseg.capture(pipe, words=["dog"]) as maps:   # SD 1.x/2.x, SDXL, SD3/3.5 or FLUX.1 pipeline
 ...     pipe("a photo of a dog on the grass")
 >>> maps["dog"].shape                                      # (images, H, W)
 """

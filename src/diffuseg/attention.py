@@ -1,19 +1,22 @@
-"""Recording (and editing) the attention of a diffusers UNet, cheaply.
+"""Recording (and editing) the attention of a diffusers denoiser (UNet or MM-DiT), cheaply.
 
 Three pieces, shared by every pipeline of the package:
 
 * :class:`AttentionController`: decides which attention layers are computed with explicit
   probabilities and sees those probabilities (it may record them, or return replacements).
-  It also tracks the UNet evaluation being run: index, latent size, batch.
+  It also tracks the denoiser evaluation being run: index, map grid, batch.
 * :class:`AttentionStore`: a controller that keeps *running sums* of cross-attention maps
   per class word and resolution (memory ``O(words × H × W)``, never one map per step) and,
   optionally, of self-attention at one resolution. Only the conditional half of a
   classifier-free-guidance batch is kept.
-* :func:`attention_control`: installs the controller on a UNet for the duration of a
-  ``with`` block. Every layer the controller does not want keeps running the model's own
-  processor (SDPA); the original processors come back on exit, also after an error.
+* :func:`attention_control`: installs the controller on a denoiser for the duration of a
+  ``with`` block, through the family's backend (:mod:`diffuseg.backends`: how a UNet's and
+  an MM-DiT's attention are read). Every layer the controller does not want keeps running
+  the model's own processor (SDPA); the original processors come back on exit, also after
+  an error.
 
-On top sits the daam-style one-liner :func:`capture` for any Stable Diffusion pipeline::
+On top sits the daam-style one-liner :func:`capture` for any SD 1.x/2.x, SDXL, SD3 or FLUX
+pipeline::
 
     with diffuseg.capture(pipe, words=["dog"]) as maps:
         pipe("a photo of a dog on the grass")
@@ -25,37 +28,69 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Literal
 
 import torch
 
-from diffuseg.tokens import token_weights as make_token_weights
+from diffuseg.backends import backend_for, denoiser_of
+from diffuseg.backends.unet import ExplicitAttnProcessor  # noqa: F401  (public name, kept importable here)
+from diffuseg.tokens import sequence_token_weights
 
 Size = tuple[int, int]
+StepWindow = tuple[int, int]
+MapSource = Literal["cross_attention", "concepts"]
+
+
+def step_window(fractions: tuple[float, float], num_steps: int) -> StepWindow:
+    """UNet evaluations ``[start, stop)`` spanning ``fractions`` of a schedule of ``num_steps``; never empty.
+
+    ``num_steps`` must be the schedule the pipeline runs (``pipe.num_timesteps`` once it has set
+    its timesteps: one UNet evaluation each), not the ``num_inference_steps`` asked for: custom
+    ``timesteps`` or ``sigmas`` set their own length, and second-order samplers (Heun) evaluate
+    the UNet about twice a step.
+    """
+    start = min(round(fractions[0] * num_steps), num_steps - 1)
+    return start, max(start + 1, round(fractions[1] * num_steps))
 
 
 class AttentionController:
     """Base class: which layers to compute explicitly, and what to do with their probabilities.
 
     Subclasses override :meth:`wants` and :meth:`__call__`. The state below is kept up to
-    date by :func:`attention_control` through a forward pre-hook on the UNet.
+    date by :func:`attention_control` through a forward pre-hook on the denoiser.
 
     Attributes:
-        step: index of the current UNet evaluation (-1 before the first).
-        latent_size: ``(h, w)`` of the latent the UNet is evaluating.
-        batch_size: batch of that UNet evaluation (twice the images under guidance).
+        step: index of the current denoiser evaluation (-1 before the first).
+        latent_size: ``(h, w)`` of the finest map grid: the UNet's latent, an MM-DiT's patch grid.
+        batch_size: batch of that evaluation (twice the images under guidance).
+        skipping: the current evaluation is not one to look at (FLUX's separate negative-prompt
+            pass, SD3's skip-layer pass); :meth:`wants` of the stores says no to every layer.
     """
 
     def __init__(self) -> None:
         self.step = -1
         self.latent_size: Size | None = None
         self.batch_size = 0
+        self.skipping = False
 
     def begin_unet_call(self, sample: torch.Tensor) -> None:
-        self.step += 1
-        self.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
-        self.batch_size = int(sample.shape[0])
+        self.begin_denoiser_call((int(sample.shape[-2]), int(sample.shape[-1])), int(sample.shape[0]))
+
+    def begin_denoiser_call(
+        self, grid: Size, batch: int, context: torch.Tensor | None = None, auxiliary: bool = False
+    ) -> None:
+        """A denoiser evaluation starts on a ``grid`` of positions; ``context`` is its text sequence.
+
+        ``auxiliary`` evaluations (a second pass of the same step) do not advance :attr:`step`
+        and are skipped.
+        """
+        self.skipping = auxiliary
+        if not auxiliary:
+            self.step += 1
+        self.latent_size = (int(grid[0]), int(grid[1]))
+        self.batch_size = int(batch)
 
     def map_size(self, tokens: int) -> Size | None:
         """``(h, w)`` of a layer with ``tokens`` query positions, from the latent's size."""
@@ -66,6 +101,19 @@ class AttentionController:
     def wants(self, kind: str, size: Size) -> bool:
         """Whether the ``kind`` ("cross" or "self") layer at ``size`` is computed explicitly."""
         return False
+
+    def readout_weights(self, size: Size) -> torch.Tensor | None:
+        """``(images, text tokens, words)`` when all the controller needs of a cross layer at ``size``
+        is ``probs @ weights`` (no edit, no full probabilities); None otherwise (the default).
+
+        MM-DiT backends then compute the maps inside fused attention and hand them to
+        :meth:`add_readout` instead of calling the controller with probabilities.
+        """
+        return None
+
+    def add_readout(self, size: Size, maps: torch.Tensor) -> None:
+        """``(batch, heads, image tokens, words)``: ``probs @ readout_weights(size)`` of one whole layer."""
+        raise NotImplementedError
 
     def __call__(self, kind: str, size: Size, probs: torch.Tensor, queries: slice) -> torch.Tensor | None:
         """See the probabilities of query rows ``queries``; return replacements or None.
@@ -88,111 +136,17 @@ def _map_size(latent_size: Size, tokens: int) -> Size | None:
     return None
 
 
-class ExplicitAttnProcessor:
-    """Computes a layer's attention with explicit probabilities when its controller wants it.
-
-    Otherwise the layer's original processor runs unchanged, so unrecorded layers cost
-    what they cost before (explicit self-attention at high resolution is several times
-    slower than SDPA on CPU).
-
-    Explicit probabilities are computed a slice of query rows at a time, each slice no larger
-    than the layer's input activations: SDPA never materialises them, and a whole map
-    (batch × heads × 4096 queries × 77 tokens at SD's finest level) is several times the
-    activations of the layer, the cost that dominated recording's peak memory.
-    """
-
-    def __init__(self, controller: AttentionController, original) -> None:
-        self.controller = controller
-        self.original = original
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        kind = "self" if encoder_hidden_states is None else "cross"
-        if hidden_states.ndim == 4:
-            size = tuple(hidden_states.shape[-2:])
-        else:
-            size = self.controller.map_size(hidden_states.shape[1])
-        if size is None or not self.controller.wants(kind, size):
-            if temb is not None:
-                kwargs["temb"] = temb
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channels, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
-        batch = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        queries, keys = query.shape[2], key.shape[2]
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        rows = max(1, hidden_states.numel() // (batch * attn.heads * keys))
-        out = value.new_empty(batch, attn.heads, queries, head_dim)
-        for start in range(0, queries, rows):
-            chunk = slice(start, min(start + rows, queries))
-            scores = torch.matmul(query[:, :, chunk], key.transpose(-1, -2)).mul_(attn.scale)
-            if attention_mask is not None:
-                scores += attention_mask[:, :, chunk] if attention_mask.shape[2] > 1 else attention_mask
-            # Softmax in float32: half-precision probabilities lose the small values maps are made of.
-            probs = _softmax_(scores.float())
-            replaced = self.controller(kind, size, probs, chunk)
-            if replaced is not None:
-                probs = replaced
-            out[:, :, chunk] = torch.matmul(probs.to(value.dtype), value)
-        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-
-def _softmax_(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension, in place: no second buffer of the probabilities' size."""
-    scores -= scores.amax(dim=-1, keepdim=True)
-    scores.exp_()
-    return scores.div_(scores.sum(dim=-1, keepdim=True))
-
-
 @contextmanager
-def attention_control(unet: torch.nn.Module, controller: AttentionController) -> Iterator[AttentionController]:
-    """Install ``controller`` on every attention layer of ``unet`` inside the ``with`` block."""
-    # Direct processor swaps on the attention modules: ``unet.attn_processors`` and
-    # ``set_attn_processor`` rebuild name dicts by recursion, milliseconds per call on SD's UNet.
-    layers = [module for module in unet.modules() if hasattr(module, "set_processor")]
-    originals = [layer.processor for layer in layers]
-    for layer, original in zip(layers, originals):
-        layer.set_processor(ExplicitAttnProcessor(controller, original))
+def attention_control(
+    denoiser: torch.nn.Module, controller: AttentionController, blocks: Iterable[int] | None = None
+) -> Iterator[AttentionController]:
+    """Install ``controller`` on the attention of ``denoiser`` (a UNet or an MM-DiT) inside the ``with`` block.
 
-    def on_unet_call(module, args, kwargs):
-        controller.begin_unet_call(args[0] if args else kwargs["sample"])
-
-    handle = unet.register_forward_pre_hook(on_unet_call, with_kwargs=True)
-    try:
+    ``blocks`` (MM-DiT only) picks the transformer blocks recorded, in the order of
+    :func:`diffuseg.backends.mmdit.joint_attention_layers`; the others keep their processor.
+    """
+    with backend_for(denoiser).control(denoiser, controller, blocks):
         yield controller
-    finally:
-        handle.remove()
-        for layer, original in zip(layers, originals):
-            layer.set_processor(original)
 
 
 class AttentionStore(AttentionController):
@@ -203,20 +157,30 @@ class AttentionStore(AttentionController):
             may be set later, before the UNet runs.
         resolutions: heights of the cross-attention maps to record (e.g. ``(16, 32, 64)`` for
             SD at 512²); ``None`` records every resolution.
-        steps: ``(start, stop)`` UNet evaluations to record; ``None`` records all.
+        steps: ``(start, stop)`` denoiser evaluations to record; ``None`` records all. A function
+            returning them is called at the first evaluation, when the pipeline has set its
+            schedule, e.g. ``lambda: step_window((0.5, 1.0), pipe.num_timesteps)``.
         self_attention_resolution: height of the one self-attention resolution to record
             (for refinement); ``None`` records none.
+
+    Attributes:
+        negative_contexts: text sequences of negative prompts; a denoiser evaluation on one of
+            them (FLUX's true classifier-free guidance runs it separately) is not recorded.
     """
 
     def __init__(
         self,
         token_weights: torch.Tensor | None = None,
         resolutions: Iterable[int] | None = None,
-        steps: tuple[int, int] | None = None,
+        steps: StepWindow | Callable[[], StepWindow] | None = None,
         self_attention_resolution: int | None = None,
     ) -> None:
         super().__init__()
         self.token_weights = token_weights
+        self.negative_contexts: list[torch.Tensor] = []
+        # False when the word maps come from elsewhere (concept attention): the token weights
+        # still say how many images there are.
+        self.record_cross = True
         self.resolutions = None if resolutions is None else frozenset(int(r) for r in resolutions)
         self.steps = steps
         self.self_attention_resolution = self_attention_resolution
@@ -232,12 +196,35 @@ class AttentionStore(AttentionController):
             raise RuntimeError("AttentionStore.token_weights must be set before the UNet runs")
         return self.token_weights.shape[0]
 
+    def begin_denoiser_call(
+        self, grid: Size, batch: int, context: torch.Tensor | None = None, auxiliary: bool = False
+    ) -> None:
+        negative = context is not None and any(context is c for c in self.negative_contexts)
+        super().begin_denoiser_call(grid, batch, context, auxiliary or negative)
+        if callable(self.steps) and not self.skipping:
+            self.steps = self.steps()
+
+    def recording_step(self) -> bool:
+        """Whether the current denoiser evaluation is one to record."""
+        return not self.skipping and (self.steps is None or self.steps[0] <= self.step < self.steps[1])
+
     def wants(self, kind: str, size: Size) -> bool:
-        if self.steps is not None and not self.steps[0] <= self.step < self.steps[1]:
+        if not self.recording_step():
             return False
         if kind == "cross":
-            return self.token_weights is not None and (self.resolutions is None or size[0] in self.resolutions)
+            return (
+                self.record_cross
+                and self.token_weights is not None
+                and (self.resolutions is None or size[0] in self.resolutions)
+            )
         return size[0] == self.self_attention_resolution
+
+    def readout_weights(self, size: Size) -> torch.Tensor | None:
+        # Subclasses that see or edit the probabilities themselves get them.
+        return self.token_weights if type(self).__call__ is AttentionStore.__call__ else None
+
+    def add_readout(self, size: Size, maps: torch.Tensor) -> None:
+        self.add_word_maps(size, self.conditional(maps).mean(dim=1).transpose(1, 2))
 
     def conditional(self, probs: torch.Tensor) -> torch.Tensor:
         """The part of a UNet batch that belongs to the conditional (text) branch."""
@@ -261,12 +248,7 @@ class AttentionStore(AttentionController):
                     f"the text embeddings have {probs.shape[-1]} tokens but the class words were looked up in "
                     f"{weights.shape[1]}; pass the prompt as text, not as prompt_embeds of another length"
                 )
-            words = torch.bmm(probs, weights.to(probs)).transpose(1, 2)  # (images, words, rows)
-            if size not in self.cross_sums:
-                self.cross_sums[size] = words.new_zeros(*words.shape[:2], size[0] * size[1])
-                self.cross_counts[size] = 0
-            self.cross_sums[size][..., queries] += words
-            self.cross_counts[size] += first_slice
+            self.add_word_maps(size, torch.bmm(probs, weights.to(probs)).transpose(1, 2), queries)
         else:
             if self.self_sum is None:
                 self.self_sum = probs.new_zeros(probs.shape[0], probs.shape[-1], probs.shape[-1])
@@ -274,6 +256,15 @@ class AttentionStore(AttentionController):
             self.self_sum[:, queries] += probs
             self.self_count += first_slice
         return None
+
+    def add_word_maps(self, size: Size, words: torch.Tensor, queries: slice | None = None) -> None:
+        """Add ``(images, words, rows)`` maps of query rows ``queries`` (default: all) of one layer at ``size``."""
+        queries = queries or slice(0, size[0] * size[1])
+        if size not in self.cross_sums:
+            self.cross_sums[size] = words.new_zeros(*words.shape[:2], size[0] * size[1])
+            self.cross_counts[size] = 0
+        self.cross_sums[size][..., queries] += words
+        self.cross_counts[size] += queries.start == 0  # a layer's first slice counts the layer once
 
     def cross_attention(self) -> dict[Size, torch.Tensor]:
         """Mean cross-attention per recorded resolution: ``{(h, w): (images, words, h, w)}``."""
@@ -306,17 +297,17 @@ class AttentionStore(AttentionController):
 class AttentionMaps:
     """What :func:`capture` recorded, read after the pipeline call."""
 
-    def __init__(self, store: AttentionStore, words: Sequence[str] | None, vae_scale_factor: int) -> None:
+    def __init__(self, store: AttentionStore, words: Sequence[str] | None, pixels_per_position: int) -> None:
         self.store = store
         self.words = words
-        self.vae_scale_factor = vae_scale_factor
+        self.pixels_per_position = pixels_per_position
 
     @property
     def image_size(self) -> Size:
         if self.store.latent_size is None:
             raise RuntimeError("nothing was recorded: run the pipeline inside the `with capture(...)` block")
         h, w = self.store.latent_size
-        return h * self.vae_scale_factor, w * self.vae_scale_factor
+        return h * self.pixels_per_position, w * self.pixels_per_position
 
     def per_resolution(self) -> dict[Size, torch.Tensor]:
         """Mean maps per resolution, ``{(h, w): (images, words, h, w)}``, finest first."""
@@ -347,43 +338,126 @@ def capture(
     words: Sequence[str] | Sequence[Sequence[str]],
     *,
     resolutions: Iterable[int] | None = None,
-    steps: tuple[int, int] | None = None,
+    steps: StepWindow | Callable[[], StepWindow] | None = None,
     self_attention_resolution: int | None = None,
+    blocks: Iterable[int] | None = None,
+    maps_from: MapSource = "cross_attention",
+    other_concepts: Sequence[str] = (),
 ) -> Iterator[AttentionMaps]:
-    """Record the cross-attention of ``words`` while ``pipe`` (any Stable Diffusion pipeline) runs.
+    """Record the attention of ``words`` to the image while ``pipe`` runs.
+
+    Works on SD 1.x/2.x and SDXL (UNet cross-attention) and on SD3/3.5 and FLUX.1 (the
+    image → text part of the joint attention); see :mod:`diffuseg.backends` for how each
+    family is read. Under classifier-free guidance only the conditional branch is kept;
+    FLUX's true-CFG negative pass (a separate call) is not recorded.
+
+    Which tokens a word is: its positions in every tokenizer that feeds the denoiser's text
+    sequence (SD 1.x/2.x/SDXL: CLIP; SD3: CLIP then T5; FLUX: T5), averaged within each
+    tokenizer, the tokenizers then averaged with equal weight
+    (:func:`diffuseg.tokens.sequence_token_weights`). A word seen by no tokenizer (absent, or
+    past every limit) raises :class:`~diffuseg.tokens.ClassWordNotFoundError`.
 
     Args:
-        pipe: a pipeline with ``unet``, ``tokenizer`` and an ``encode_prompt(prompt, device,
-            num_images_per_prompt, ...)`` method, as diffusers' SD pipelines have.
+        pipe: a diffusers SD, SDXL, SD3 or FLUX pipeline (or a subclass), called with the prompt as text.
         words: class words, the same for every prompt, or one list per prompt.
         resolutions, steps, self_attention_resolution: see :class:`AttentionStore`.
+        blocks: MM-DiT only: the transformer blocks recorded (default all), see :func:`attention_control`.
+        maps_from: ``"cross_attention"`` (default): the word tokens' share of the image's
+            attention; ``"concepts"`` (MM-DiT only): ConceptAttention's maps, each word encoded
+            alone as a concept token (:class:`diffuseg.backends.mmdit.ConceptStream`); the
+            image is the same either way.
+        other_concepts: with ``maps_from="concepts"``, more concepts that compete in the softmax
+            but get no map (e.g. ``["background", "sky"]``): with a single class word the softmax
+            over concepts is 1 everywhere, so name what else the image may show.
 
     Yields:
         :class:`AttentionMaps`, filled once the pipeline call inside the block returns.
     """
-    store = AttentionStore(resolutions=resolutions, steps=steps, self_attention_resolution=self_attention_resolution)
+    denoiser = denoiser_of(pipe)
+    backend = backend_for(denoiser)
+    if maps_from not in ("cross_attention", "concepts"):
+        raise ValueError(f"maps_from must be 'cross_attention' or 'concepts', got {maps_from!r}")
+    if other_concepts and maps_from != "concepts":
+        raise ValueError("other_concepts only applies to maps_from='concepts'")
+    if maps_from == "concepts" and not hasattr(backend, "ConceptStream"):
+        raise ValueError(
+            "maps_from='concepts' needs an MM-DiT (SD3/3.5, FLUX.1); this pipeline's denoiser is "
+            f"a {type(denoiser).__name__}: use maps_from='cross_attention'"
+        )
+    store = AttentionStore(
+        resolutions=resolutions,
+        steps=steps,
+        self_attention_resolution=self_attention_resolution,
+    )
     shared_words = list(words) if words and all(isinstance(w, str) for w in words) else None
     if not words:
         raise ValueError("class_names is empty: give at least one class word")
+    concepts = None
+    if maps_from == "concepts":
+        concepts = store.concepts = backend.ConceptStream(denoiser, store, blocks)
+        store.record_cross = False
     original_encode = pipe.encode_prompt
     signature = inspect.signature(original_encode)
+
+    def concept_embeddings(per_prompt: list[list[str]], copies: int, arguments: dict) -> None:
+        """Each distinct word encoded alone, its tokens averaged as for the maps: one concept token per word."""
+        class_words = [w for prompt_words in per_prompt for w in prompt_words]
+        # A class word named again as another concept would split its own pixels with itself.
+        others_here = [w for w in other_concepts if w.lower() not in {c.lower() for c in class_words}]
+        distinct = list(dict.fromkeys([*class_words, *others_here]))
+        call = {"prompt": distinct, "num_images_per_prompt": 1}
+        for name, value in (("prompt_2", None), ("prompt_3", None), ("do_classifier_free_guidance", False)):
+            if name in signature.parameters:
+                call[name] = value
+        for name in ("device", "max_sequence_length"):
+            if arguments.get(name) is not None:
+                call[name] = arguments[name]
+        embeds = original_encode(**call)[0]
+        alone = sequence_token_weights(backend.text_segments(pipe, distinct, call), [[w] for w in distinct])
+        vectors = torch.einsum("wt,wtd->wd", alone[..., 0].to(embeds), embeds)
+        # Columns: the image's words (padded to the longest list), then the other concepts.
+        words_width = max(len(prompt_words) for prompt_words in per_prompt)
+        others = [distinct.index(w) for w in others_here]
+        rows = [[distinct.index(w) for w in prompt_words] for prompt_words in per_prompt for _ in range(copies)]
+        table = vectors.new_zeros(len(rows), words_width + len(others), vectors.shape[-1])
+        valid = torch.zeros(len(rows), words_width + len(others), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            table[i, : len(row)], table[i, words_width:] = vectors[row], vectors[others]
+            valid[i, : len(row)] = valid[i, words_width:] = True
+        concepts.set_concepts(table, valid, words_width)
+    # FLUX encodes the negative prompt in a second call before the denoiser runs: the first
+    # encode after a denoiser call (or the start) is the prompt's, the next ones are negative.
+    encoded = {"since_denoiser_call": False}
 
     @functools.wraps(original_encode)
     def encode_prompt(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if encoded["since_denoiser_call"]:
+            result = original_encode(*args, **kwargs)
+            store.negative_contexts.append(result[0])
+            return result
         prompt = bound.arguments.get("prompt")
         if prompt is None:
             raise ValueError("attention capture needs the prompt as text to find class words, not prompt_embeds")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         per_prompt = [shared_words] * len(prompts) if shared_words is not None else [list(w) for w in words]
-        store.token_weights = make_token_weights(
-            pipe.tokenizer, prompts, per_prompt, bound.arguments.get("num_images_per_prompt", 1)
-        )
+        segments = backend.text_segments(pipe, prompts, bound.arguments)
+        copies = bound.arguments.get("num_images_per_prompt") or 1
+        store.token_weights = sequence_token_weights(segments, per_prompt, copies)
+        if concepts is not None:
+            concept_embeddings(per_prompt, copies, bound.arguments)
+        encoded["since_denoiser_call"] = True
         return original_encode(*args, **kwargs)
 
+    def on_denoiser_call(module, args):
+        encoded["since_denoiser_call"] = False
+
     pipe.encode_prompt = encode_prompt  # instance attribute shadows the method; deleted on exit
+    handle = denoiser.register_forward_pre_hook(on_denoiser_call)
     try:
-        with attention_control(pipe.unet, store):
-            yield AttentionMaps(store, shared_words, pipe.vae_scale_factor)
+        with attention_control(denoiser, store, blocks), concepts.attached() if concepts else nullcontext():
+            yield AttentionMaps(store, shared_words, backend.pixels_per_position(pipe))
     finally:
+        handle.remove()
         del pipe.encode_prompt

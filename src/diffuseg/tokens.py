@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -44,20 +45,30 @@ def word_token_positions(tokenizer, prompt: str, word: str, max_length: int | No
             f"class word {word!r} does not appear in the prompt {prompt!r} "
             "(matching is whole-word and case-insensitive: write the word as it appears in the prompt)"
         )
-    encoding = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True, truncation=False, verbose=False)
-    positions = [
-        index
-        for index, (start, end) in enumerate(encoding["offset_mapping"])
-        if end > start and any(start < span_end and end > span_start for span_start, span_end in spans)
-    ]
-    # The last slot of a truncated prompt holds the end-of-text token.
-    kept = [p for p in positions if p < max_length - 1]
+    kept = _kept_positions(tokenizer, prompt, spans, max_length)
     if not kept:
         raise ClassWordNotFoundError(
             f"class word {word!r} appears only after the text encoder's {max_length}-token limit in the prompt "
             f"{prompt!r}; the model never sees it. Shorten the prompt or move the word forward."
         )
     return kept
+
+
+def _kept_positions(tokenizer, prompt: str, spans: list[tuple[int, int]], max_length: int) -> list[int]:
+    """Token positions overlapping ``spans`` that survive truncation to ``max_length``.
+
+    Works for CLIP (a begin token at 0, the end token in the last slot) and T5 (no begin
+    token; SentencePiece pieces carry a leading "▁" whose offsets start at the word, and a
+    lone "▁" piece covers no character of the word, so it is not counted).
+    """
+    encoding = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True, truncation=False, verbose=False)
+    positions = [
+        index
+        for index, (start, end) in enumerate(encoding["offset_mapping"])
+        if end > start and any(start < span_end and end > span_start for span_start, span_end in spans)
+    ]
+    # The last slot of a truncated prompt holds the end-of-text token (CLIP and T5 alike).
+    return [p for p in positions if p < max_length - 1]
 
 
 def token_weights(
@@ -199,3 +210,82 @@ def replacement_token_alignment(
     padding = torch.arange(target_length, max_length) - target_length + source_length
     alignment[target_length:] = torch.where(padding < max_length, padding, torch.full_like(padding, -1))
     return alignment
+
+
+@dataclass(frozen=True)
+class TextSegment:
+    """One tokenizer's stretch of a denoiser's text sequence.
+
+    Attributes:
+        tokenizer: the tokenizer whose ids fill the stretch, or None when the stretch is there
+            but carries no words (SD3 without its T5 encoder feeds zeros in its place).
+        length: number of positions (the tokenizer's ``max_length`` as the pipeline pads it).
+        prompts: the text this tokenizer encodes, one per prompt (SD3's ``prompt_3``,
+            FLUX's ``prompt_2``: the T5 prompt may differ from the CLIP one).
+        name: what the error messages call it ("CLIP", "T5").
+    """
+
+    tokenizer: object | None
+    length: int
+    prompts: Sequence[str]
+    name: str
+
+
+def sequence_token_weights(
+    segments: Sequence[TextSegment], words: Sequence[Sequence[str]], num_images_per_prompt: int = 1
+) -> torch.Tensor:
+    """:func:`token_weights` for a text sequence made of several tokenizers' stretches, end to end.
+
+    A word's column averages its tokens within each stretch that sees it, then averages the
+    stretches that see it with equal weight: CLIP and T5 each have one vote, however many
+    pieces each splits the word into. A stretch that cut the word off (past its limit) or
+    has no tokenizer does not vote.
+
+    Returns:
+        ``(len(prompts) * num_images_per_prompt, sum of lengths, C)``, images in diffusers' order.
+
+    Raises:
+        ClassWordNotFoundError: a word is in no stretch (not in the prompt, or past every limit).
+    """
+    if len(segments) == 1 and segments[0].tokenizer is not None:  # one tokenizer: its own lookup and messages
+        only = segments[0]
+        return token_weights(only.tokenizer, only.prompts, words, num_images_per_prompt, only.length)
+    prompts_count = len(segments[0].prompts)
+    if len(words) != prompts_count:
+        raise ValueError(
+            f"got {prompts_count} prompts but {len(words)} lists of class words; give one list per prompt"
+        )
+    num_words = max((len(w) for w in words), default=0)
+    if num_words == 0:
+        raise ValueError("class_names is empty: give at least one class word per prompt")
+    total = sum(segment.length for segment in segments)
+    weights = torch.zeros(prompts_count, total, num_words)
+    for b, prompt_words in enumerate(words):
+        if len(prompt_words) == 0:
+            raise ValueError(f"no class words given for the prompt {segments[0].prompts[b]!r}")
+        lowered = [w.strip().lower() for w in prompt_words]
+        if len(set(lowered)) != len(lowered):
+            raise ValueError(f"duplicate class words {list(prompt_words)} for the prompt {segments[0].prompts[b]!r}")
+        for c, word in enumerate(prompt_words):
+            votes, offset, reasons = [], 0, []
+            for segment in segments:
+                if segment.tokenizer is not None:
+                    prompt = segment.prompts[b]
+                    spans = find_word_spans(prompt, word)
+                    kept = _kept_positions(segment.tokenizer, prompt, spans, segment.length) if spans else []
+                    if kept:
+                        votes.append([offset + p for p in kept])
+                    else:
+                        reasons.append(
+                            f"{segment.name} ({segment.length} tokens): "
+                            + ("past the limit" if spans else f"not in {prompt!r}")
+                        )
+                offset += segment.length
+            if not votes:
+                raise ClassWordNotFoundError(
+                    f"class word {word!r} is in no text the model sees: {'; '.join(reasons)}. Put the word in the "
+                    "prompt (whole word, any case), early enough to be within a text encoder's limit."
+                )
+            for positions in votes:
+                weights[b, positions, c] += 1.0 / (len(positions) * len(votes))
+    return weights.repeat_interleave(num_images_per_prompt, dim=0)

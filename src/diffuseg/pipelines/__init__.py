@@ -2,6 +2,7 @@
 
 from diffuseg.pipelines.counterfactual import CounterfactualAttention, CounterfactualOutput, CounterfactualPipeline
 from diffuseg.pipelines.diffumask import DiffuMaskPipeline, DiffuMaskPipelineOutput
+from diffuseg.pipelines.diffumask_families import DiffuMaskFluxPipeline, DiffuMaskSD3Pipeline, DiffuMaskXLPipeline
 from diffuseg.pipelines.maskdiffusion import MaskDiffusionSegOutput, MaskDiffusionSegPipeline
 from diffuseg.pipelines.freemask import FreeMaskEditOutput, FreeMaskEditPipeline, FreeMaskObject, InsertionRecord
 
@@ -9,8 +10,11 @@ __all__ = [
     "CounterfactualAttention",
     "CounterfactualOutput",
     "CounterfactualPipeline",
+    "DiffuMaskFluxPipeline",
     "DiffuMaskPipeline",
     "DiffuMaskPipelineOutput",
+    "DiffuMaskSD3Pipeline",
+    "DiffuMaskXLPipeline",
     "FreeMaskEditOutput",
     "FreeMaskEditPipeline",
     "FreeMaskObject",

@@ -158,26 +158,10 @@ class DiffuMaskPipeline(StableDiffusionPipeline):
             attention = maps.store.refine(attention, refine_iterations)
 
         # 3. Threshold each map and assemble one label map per image.
-        cutoffs = thresholds(attention, threshold)
-        words_per_image = [len(w) for w in words for _ in range(num_images_per_prompt)]
-        masks = np.stack(
-            [
-                label_map(attention[i], cutoffs[i], ignore_band, min_component_area, num_classes=words_per_image[i])
-                for i in range(attention.shape[0])
-            ]
-        )
+        masks = label_maps_of(attention, words, num_images_per_prompt, threshold, ignore_band, min_component_area)
 
         self.maybe_free_model_hooks()
-        images = generated.images
-        if output_type == "pil":
-            masks = [PIL.Image.fromarray(mask, mode="L") for mask in masks]
-        if output_type == "pt":
-            masks, attention = torch.from_numpy(masks), attention
-        else:
-            attention = attention.cpu().numpy().astype(np.float32)
-        if not return_dict:
-            return images, masks, attention
-        return DiffuMaskPipelineOutput(images=images, masks=masks, attention_maps=attention)
+        return diffumask_output(generated.images, masks, attention, output_type, return_dict)
 
     @staticmethod
     def check_class_names(prompts: list[str], class_names) -> list[list[str]]:
@@ -185,6 +169,43 @@ class DiffuMaskPipeline(StableDiffusionPipeline):
         if class_names is None or len(class_names) == 0:
             raise ValueError("class_names is empty: name at least one class word that appears in the prompt")
         return one_list_per_prompt(class_names, len(prompts), "class names")
+
+
+def label_maps_of(
+    attention: torch.Tensor,
+    words: list[list[str]],
+    num_images_per_prompt: int,
+    threshold: str | float,
+    ignore_band: float,
+    min_component_area: int,
+) -> np.ndarray:
+    """DiffuMask's label maps ``uint8 (images, H, W)`` from soft maps ``(images, C, H, W)``, for every model family.
+
+    Each map is thresholded; image ``i`` uses the maps of its own prompt's words (the rest are
+    padding); pixels near a threshold become 255, small components background.
+    """
+    cutoffs = thresholds(attention, threshold)
+    words_per_image = [len(w) for w in words for _ in range(num_images_per_prompt)]
+    masks = np.stack(
+        [
+            label_map(attention[i], cutoffs[i], ignore_band, min_component_area, num_classes=words_per_image[i])
+            for i in range(attention.shape[0])
+        ]
+    )
+    return masks
+
+
+def diffumask_output(images, masks: np.ndarray, attention: torch.Tensor, output_type: str, return_dict: bool):
+    """The pipeline's output: masks as PIL images for ``"pil"``, tensors for ``"pt"``, else arrays."""
+    if output_type == "pil":
+        masks = [PIL.Image.fromarray(mask, mode="L") for mask in masks]
+    if output_type == "pt":
+        masks = torch.from_numpy(masks)
+    else:
+        attention = attention.cpu().numpy().astype(np.float32)
+    if not return_dict:
+        return images, masks, attention
+    return DiffuMaskPipelineOutput(images=images, masks=masks, attention_maps=attention)
 
 
 def one_list_per_prompt(values: Sequence[str] | Sequence[Sequence[str]], prompts: int, what: str) -> list[list[str]]:

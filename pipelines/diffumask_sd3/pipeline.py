@@ -1,0 +1,14 @@
+"""DiffuMaskSD3Pipeline as a diffusers community pipeline.
+
+    DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/diffumask_sd3", trust_remote_code=True)
+
+The implementation lives in the installed ``diffuseg`` package (``pip install diffuseg``);
+this file exposes its one pipeline class to diffusers' custom-pipeline loader.
+"""
+
+from diffuseg.pipelines.community import expose_only
+from diffuseg.pipelines.diffumask_families import DiffuMaskSD3Pipeline
+
+expose_only(globals(), DiffuMaskSD3Pipeline)
+
+__all__ = ["DiffuMaskSD3Pipeline"]

@@ -1,0 +1,14 @@
+"""DiffuMaskXLPipeline as a diffusers community pipeline.
+
+    DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/diffumask_xl", trust_remote_code=True)
+
+The implementation lives in the installed ``diffuseg`` package (``pip install diffuseg``);
+this file exposes its one pipeline class to diffusers' custom-pipeline loader.
+"""
+
+from diffuseg.pipelines.community import expose_only
+from diffuseg.pipelines.diffumask_families import DiffuMaskXLPipeline
+
+expose_only(globals(), DiffuMaskXLPipeline)
+
+__all__ = ["DiffuMaskXLPipeline"]
