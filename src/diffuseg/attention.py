@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -33,6 +33,19 @@ import torch
 from diffuseg.tokens import token_weights as make_token_weights
 
 Size = tuple[int, int]
+StepWindow = tuple[int, int]
+
+
+def step_window(fractions: tuple[float, float], num_steps: int) -> StepWindow:
+    """UNet evaluations ``[start, stop)`` spanning ``fractions`` of a schedule of ``num_steps``; never empty.
+
+    ``num_steps`` must be the schedule the pipeline runs (``pipe.num_timesteps`` once it has set
+    its timesteps: one UNet evaluation each), not the ``num_inference_steps`` asked for: custom
+    ``timesteps`` or ``sigmas`` set their own length, and second-order samplers (Heun) evaluate
+    the UNet about twice a step.
+    """
+    start = min(round(fractions[0] * num_steps), num_steps - 1)
+    return start, max(start + 1, round(fractions[1] * num_steps))
 
 
 class AttentionController:
@@ -203,7 +216,9 @@ class AttentionStore(AttentionController):
             may be set later, before the UNet runs.
         resolutions: heights of the cross-attention maps to record (e.g. ``(16, 32, 64)`` for
             SD at 512²); ``None`` records every resolution.
-        steps: ``(start, stop)`` UNet evaluations to record; ``None`` records all.
+        steps: ``(start, stop)`` UNet evaluations to record; ``None`` records all. A function
+            returning them is called at the first UNet evaluation, when the pipeline has set its
+            schedule, e.g. ``lambda: step_window((0.5, 1.0), pipe.num_timesteps)``.
         self_attention_resolution: height of the one self-attention resolution to record
             (for refinement); ``None`` records none.
     """
@@ -212,7 +227,7 @@ class AttentionStore(AttentionController):
         self,
         token_weights: torch.Tensor | None = None,
         resolutions: Iterable[int] | None = None,
-        steps: tuple[int, int] | None = None,
+        steps: StepWindow | Callable[[], StepWindow] | None = None,
         self_attention_resolution: int | None = None,
     ) -> None:
         super().__init__()
@@ -225,6 +240,11 @@ class AttentionStore(AttentionController):
         self.self_sum: torch.Tensor | None = None
         self.self_count = 0
         self.self_size: Size | None = None
+
+    def begin_unet_call(self, sample: torch.Tensor) -> None:
+        super().begin_unet_call(sample)
+        if callable(self.steps):
+            self.steps = self.steps()
 
     @property
     def num_images(self) -> int:
@@ -347,7 +367,7 @@ def capture(
     words: Sequence[str] | Sequence[Sequence[str]],
     *,
     resolutions: Iterable[int] | None = None,
-    steps: tuple[int, int] | None = None,
+    steps: StepWindow | Callable[[], StepWindow] | None = None,
     self_attention_resolution: int | None = None,
 ) -> Iterator[AttentionMaps]:
     """Record the cross-attention of ``words`` while ``pipe`` (any Stable Diffusion pipeline) runs.
