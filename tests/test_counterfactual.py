@@ -402,6 +402,15 @@ def test_stochastic_samplers_give_both_halves_the_plain_pipelines_noise(pipe, sc
         # prompts: at every step each counterfactual drew the noise its positive drew.
         np.testing.assert_allclose(out.images, plain(prompts, generator=fresh(), **kwargs).images, atol=1e-5)
         np.testing.assert_allclose(out.negative_images, plain(replaced, generator=fresh(), **kwargs).images, atol=1e-5)
+    # No generator: torch's global one, drawn from as Stable Diffusion draws from it.
+    torch.manual_seed(7)
+    out = ancestral(prompts, class_names=names, self_attention_fraction=0, cross_attention_fraction=0, **kwargs)
+    after = torch.get_rng_state()
+    torch.manual_seed(7)
+    np.testing.assert_allclose(out.images, plain(prompts, **kwargs).images, atol=1e-5)
+    assert torch.equal(after, torch.get_rng_state())
+    torch.manual_seed(7)
+    np.testing.assert_allclose(out.negative_images, plain(replaced, **kwargs).images, atol=1e-5)
     # With injection the positives stay the same; the noise draws leave the generator where diffusers leaves it.
     shared_generator = generator(7)
     injected = ancestral(prompts, class_names=names, generator=shared_generator, **kwargs)
