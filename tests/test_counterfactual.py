@@ -7,10 +7,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
 from diffuseg.pipelines import CounterfactualAttention, CounterfactualOutput, CounterfactualPipeline, DiffuMaskPipeline
-from diffuseg.testing import build_clip_tokenizer, save_tiny_stable_diffusion, tiny_stable_diffusion
+from diffuseg.testing import build_clip_tokenizer, on_same_components, save_tiny_stable_diffusion, tiny_stable_diffusion
 from diffuseg.tokens import ClassWordNotFoundError, find_word_spans, replace_words, replacement_token_alignment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -331,3 +331,124 @@ def test_generate_on_shapesworld_removes_the_coloured_shape(tmp_path):
                         remove_phrases=[f"{color} {shape}"], generator=generator(row["seed"]), output_type="np",
                         num_inference_steps=2, guidance_scale=config.guidance_scale)
         np.testing.assert_allclose(np.asarray(row["negative_image"]), to_uint8(again.negative_images)[0], atol=1)
+
+
+# ----------------------------------------------------------------------------- diffusers' arguments
+def test_string_and_per_prompt_negative_prompts(pipe):
+    plain = on_same_components(pipe, StableDiffusionPipeline)
+    no_injection = dict(self_attention_fraction=0, cross_attention_fraction=0)
+    kwargs = dict(negative_prompt="blurry", output_type="np", **FAST)
+    out = pipe("a photo of a dog", class_names=["dog"], generator=generator(), **no_injection, **kwargs)
+    np.testing.assert_allclose(out.images, plain("a photo of a dog", generator=generator(), **kwargs).images, atol=1e-5)
+    # The counterfactual keeps its positive's negative prompt.
+    expected = plain("a photo of a nothing", generator=generator(), **kwargs).images
+    np.testing.assert_allclose(out.negative_images, expected, atol=1e-5)
+    prompts, names = ["a dog on the grass", "a cat"], [["dog"], ["cat"]]
+    kwargs = dict(negative_prompt=["blurry", "dark"], num_images_per_prompt=2, output_type="np", **FAST)
+    out = pipe(prompts, class_names=names, generator=generator(), **no_injection, **kwargs)
+    np.testing.assert_allclose(out.images, plain(prompts, generator=generator(), **kwargs).images, atol=1e-5)
+    expected = plain(["a nothing on the grass", "a nothing"], generator=generator(), **kwargs).images
+    np.testing.assert_allclose(out.negative_images, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="got 2 prompts but 1 negative prompts"):
+        pipe(prompts, class_names=names, negative_prompt=["blurry"], **FAST)
+
+
+def test_custom_timesteps_set_every_window_from_the_schedule_run(pipe, monkeypatch):
+    euler = on_same_components(pipe, scheduler_class=EulerDiscreteScheduler)
+    kwargs = dict(prompt="a photo of a dog on the grass", class_names=["dog"], output_type="np", height=32, width=32,
+                  timesteps=[999, 499])
+
+    def run(**extra):
+        return euler(generator=generator(), **kwargs, **extra)
+
+    # diffusers' convention (num_inference_steps=None) and the default 50 run the same two steps alike.
+    late = run(num_inference_steps=None, attention_steps=(0.5, 1.0))
+    default = run(attention_steps=(0.5, 1.0))
+    for field in ("images", "negative_images", "attention_maps", "masks"):
+        np.testing.assert_array_equal(getattr(late, field), getattr(default, field))
+    diffumask = on_same_components(pipe, DiffuMaskPipeline, EulerDiscreteScheduler)
+    expected = diffumask(generator=generator(), num_inference_steps=None, attention_steps=(0.5, 1.0), **kwargs)
+    np.testing.assert_allclose(late.images, expected.images, atol=1e-5)
+    np.testing.assert_allclose(late.attention_maps, expected.attention_maps, atol=1e-5)
+    # Every window counts the two steps run: injection 0.4 and 0.8 of them (1 and 2 steps), recording the second.
+    windows = []
+    begin = CounterfactualAttention.begin_unet_call
+
+    def spy(controller, sample):
+        begin(controller, sample)
+        windows.append((controller.self_attention_steps, controller.cross_attention_steps, controller.steps))
+
+    monkeypatch.setattr(CounterfactualAttention, "begin_unet_call", spy)
+    run(attention_steps=(0.5, 1.0))
+    assert windows == [(1, 2, (1, 2))] * 2
+
+
+@pytest.mark.parametrize(
+    "scheduler_class, extra",
+    [(EulerAncestralDiscreteScheduler, {}), (DDIMScheduler, {"eta": 1.0})],
+    ids=["euler-ancestral", "ddim-eta1"],
+)
+def test_stochastic_samplers_give_both_halves_the_plain_pipelines_noise(pipe, scheduler_class, extra):
+    ancestral = on_same_components(pipe, scheduler_class=scheduler_class)
+    plain = on_same_components(pipe, StableDiffusionPipeline, scheduler_class)
+    prompts, names = ["a dog on the grass", "a cat in the room"], [["dog"], ["cat"]]
+    replaced = ["a nothing on the grass", "a nothing in the room"]
+    kwargs = dict(output_type="np", **FAST, **extra)
+    for seeds in (generator(7), [generator(7), generator(8)]):  # one generator for the batch, one per image
+        fresh = (lambda: generator(7)) if not isinstance(seeds, list) else (lambda: [generator(7), generator(8)])
+        out = ancestral(prompts, class_names=names, generator=fresh(), self_attention_fraction=0,
+                        cross_attention_fraction=0, **kwargs)
+        # The positives are Stable Diffusion's images, the counterfactuals Stable Diffusion's for the replaced
+        # prompts: at every step each counterfactual drew the noise its positive drew.
+        np.testing.assert_allclose(out.images, plain(prompts, generator=fresh(), **kwargs).images, atol=1e-5)
+        np.testing.assert_allclose(out.negative_images, plain(replaced, generator=fresh(), **kwargs).images, atol=1e-5)
+    # No generator: torch's global one, drawn from as Stable Diffusion draws from it.
+    torch.manual_seed(7)
+    out = ancestral(prompts, class_names=names, self_attention_fraction=0, cross_attention_fraction=0, **kwargs)
+    after = torch.get_rng_state()
+    torch.manual_seed(7)
+    np.testing.assert_allclose(out.images, plain(prompts, **kwargs).images, atol=1e-5)
+    assert torch.equal(after, torch.get_rng_state())
+    torch.manual_seed(7)
+    np.testing.assert_allclose(out.negative_images, plain(replaced, **kwargs).images, atol=1e-5)
+    # With injection the positives stay the same; the noise draws leave the generator where diffusers leaves it.
+    shared_generator = generator(7)
+    injected = ancestral(prompts, class_names=names, generator=shared_generator, **kwargs)
+    reference_generator = generator(7)
+    np.testing.assert_allclose(injected.images, plain(prompts, generator=reference_generator, **kwargs).images,
+                               atol=1e-5)
+    assert torch.equal(shared_generator.get_state(), reference_generator.get_state())
+
+
+def test_interrupt_stops_both_halves_at_the_same_step(pipe):
+    seen = []
+
+    def keep(p, step, timestep, tensors):
+        seen.append(tensors["latents"].clone())
+        return tensors
+
+    def stop(p, step, timestep, tensors):
+        p._interrupt = True
+        return tensors
+
+    prompts, names = ["a dog on the grass", "a cat"], [["dog"], ["cat"]]
+    kwargs = dict(class_names=names, output_type="latent", **FAST)
+    full = pipe(prompts, generator=generator(), callback_on_step_end=keep, **kwargs)
+    # The callback sees the doubled batch [positives, counterfactuals].
+    assert len(seen) == 2 and seen[0].shape[0] == 4
+    out = pipe(prompts, generator=generator(), callback_on_step_end=stop, **kwargs)
+    torch.testing.assert_close(out.images, seen[0][:2], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.negative_images, seen[0][2:], rtol=0, atol=1e-4)
+    assert not torch.allclose(out.images, full.images, atol=1e-3)
+    # Decoded outputs and masks of an interrupted call: both halves from that step.
+    decoded = pipe(prompts, generator=generator(), callback_on_step_end=stop, class_names=names, output_type="np",
+                   **FAST)
+    plain = on_same_components(pipe, StableDiffusionPipeline)
+    expected = plain(prompts, generator=generator(), callback_on_step_end=stop, output_type="np", **FAST)
+    np.testing.assert_allclose(decoded.images, expected.images, atol=1e-5)
+    assert decoded.masks.shape == (2, 32, 32) and decoded.attention_maps.max() > 0
+    # Interrupted before the attention window began: nothing recorded, background masks, no error.
+    early = pipe(prompts, generator=generator(), callback_on_step_end=stop, class_names=names, output_type="np",
+                 attention_steps=(0.5, 1.0), **FAST)
+    assert not early.attention_maps.any() and not early.masks.any()
+    np.testing.assert_allclose(early.negative_images, decoded.negative_images, atol=1e-5)

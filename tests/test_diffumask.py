@@ -6,9 +6,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
+from diffuseg.attention import capture
 from diffuseg.pipelines import DiffuMaskPipeline, DiffuMaskPipelineOutput
-from diffuseg.testing import save_tiny_stable_diffusion, tiny_stable_diffusion
+from diffuseg.testing import on_same_components, save_tiny_stable_diffusion, tiny_stable_diffusion
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(num_inference_steps=2, height=32, width=32)
@@ -148,3 +150,93 @@ def test_shipped_model_generates_an_image_and_a_mask_offline():
     out = pipe("a red circle", class_names=["circle"], num_inference_steps=4, generator=generator(), output_type="np")
     assert out.images.shape == (1, 64, 64, 3) and out.masks.shape == (1, 64, 64)
     assert np.isfinite(out.attention_maps).all() and out.images.std() > 0
+
+
+# ----------------------------------------------------------------------------- diffusers' arguments
+def test_string_and_per_prompt_negative_prompts(pipe):
+    plain = on_same_components(pipe, StableDiffusionPipeline)
+    # A string negative prompt with guidance on; the prompt goes on to diffusers as a list.
+    kwargs = dict(negative_prompt="blurry", output_type="np", height=64, width=64, num_inference_steps=2)
+    out = pipe("a photo of a dog", class_names=["dog"], generator=generator(), **kwargs)
+    np.testing.assert_allclose(out.images, plain("a photo of a dog", generator=generator(), **kwargs).images, atol=1e-5)
+    # One negative prompt per prompt, several images each.
+    prompts, names = ["a dog on the grass", "a cat"], [["dog"], ["cat"]]
+    kwargs = dict(num_images_per_prompt=2, output_type="np", **FAST)
+    out = pipe(prompts, class_names=names, negative_prompt=["blurry", "dark"], generator=generator(), **kwargs)
+    expected = plain(prompts, negative_prompt=["blurry", "dark"], generator=generator(), **kwargs)
+    np.testing.assert_allclose(out.images, expected.images, atol=1e-5)
+    assert out.masks.shape == (4, 32, 32)
+    # One string beside several prompts is every prompt's negative prompt.
+    shared = pipe(prompts, class_names=names, negative_prompt="blurry", generator=generator(), **kwargs)
+    each = pipe(prompts, class_names=names, negative_prompt=["blurry"] * 2, generator=generator(), **kwargs)
+    np.testing.assert_array_equal(shared.images, each.images)
+    with pytest.raises(ValueError, match="got 2 prompts but 3 negative prompts"):
+        pipe(prompts, class_names=names, negative_prompt=["a", "b", "c"], **FAST)
+
+
+@pytest.mark.parametrize(
+    "schedule", [dict(timesteps=[999, 499]), dict(sigmas=[14.6, 1.5, 0.0])], ids=["timesteps", "sigmas"]
+)
+def test_custom_timesteps_and_sigmas_set_the_attention_window(pipe, schedule):
+    euler = on_same_components(pipe, scheduler_class=EulerDiscreteScheduler)
+    plain = on_same_components(pipe, StableDiffusionPipeline, EulerDiscreteScheduler)
+    kwargs = dict(output_type="np", height=32, width=32, **schedule)
+    # diffusers' convention: the schedule alone; the window is its second half, one of two steps.
+    late = euler("a photo of a dog", class_names=["dog"], num_inference_steps=None, attention_steps=(0.5, 1.0),
+                 generator=generator(), **kwargs)
+    with capture(plain, ["dog"], steps=(1, 2)) as maps:
+        expected = plain("a photo of a dog", num_inference_steps=None, generator=generator(), **kwargs)
+    np.testing.assert_allclose(late.images, expected.images, atol=1e-5)
+    np.testing.assert_allclose(late.attention_maps, maps.aggregate().numpy(), atol=1e-5)
+    # num_inference_steps left at its default (50) does not stretch the window past the two steps run.
+    default = euler("a photo of a dog", class_names=["dog"], attention_steps=(0.5, 1.0), generator=generator(),
+                    **kwargs)
+    np.testing.assert_array_equal(default.attention_maps, late.attention_maps)
+    whole = euler("a photo of a dog", class_names=["dog"], num_inference_steps=None, generator=generator(), **kwargs)
+    assert not np.allclose(whole.attention_maps, late.attention_maps, atol=1e-4)
+
+
+def test_interrupt_stops_generation_and_masks_keep_what_was_recorded(pipe):
+    plain = on_same_components(pipe, StableDiffusionPipeline)
+
+    def stop(p, step, timestep, tensors):
+        p._interrupt = True
+        return tensors
+
+    kwargs = dict(callback_on_step_end=stop, output_type="np", **FAST)
+    expected = plain("a photo of a dog", generator=generator(), **kwargs)
+    # Interrupted after the first of two steps, before the window (the second step) began: no attention.
+    before = pipe("a photo of a dog", class_names=["dog"], attention_steps=(0.5, 1.0), generator=generator(), **kwargs)
+    np.testing.assert_allclose(before.images, expected.images, atol=1e-5)
+    assert not before.attention_maps.any() and not before.masks.any()
+    # Interrupted inside the window: the maps of the one step that ran.
+    inside = pipe("a photo of a dog", class_names=["dog"], generator=generator(), **kwargs)
+    with capture(plain, ["dog"], steps=(0, 1)) as maps:
+        plain("a photo of a dog", generator=generator(), output_type="np", **FAST)
+    np.testing.assert_allclose(inside.images, expected.images, atol=1e-5)
+    np.testing.assert_allclose(inside.attention_maps, maps.aggregate().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("pipeline", ["diffumask", "counterfactual"])
+def test_generate_cli_takes_a_negative_prompt(tmp_path, pipe, pipeline):
+    from datasets import load_dataset
+
+    from diffuseg import cli
+    from diffuseg.pipelines import CounterfactualPipeline
+    from diffuseg.tokens import find_word_spans
+
+    model = save_tiny_stable_diffusion(tmp_path / "tiny-sd", seed=0)
+    out = tmp_path / "ds"
+    rc = cli.main(["generate", "--out", str(out), "--model", model, "--pipeline", pipeline, "--classes", "dog,cat",
+                   "--images-per-class", "1", "--steps", "2", "--height", "32", "--width", "32",
+                   "--negative-prompt", "blurry", "--no-progress"])
+    assert rc == 0
+    same_model = pipe if pipeline == "diffumask" else on_same_components(pipe, CounterfactualPipeline)
+    for row in load_dataset(str(out), split="train"):
+        words = [w for w in ("dog", "cat") if find_word_spans(row["prompt"], w)]
+        again = same_model(row["prompt"], class_names=words, negative_prompt="blurry",
+                           generator=generator(row["seed"]), output_type="np", **FAST)
+        np.testing.assert_allclose(np.asarray(row["image"]) / 255, again.images[0], atol=1.5 / 255)
+        if pipeline == "counterfactual":
+            np.testing.assert_allclose(np.asarray(row["negative_image"]) / 255, again.negative_images[0],
+                                       atol=1.5 / 255)

@@ -134,6 +134,45 @@ def test_per_image_confusion_sums_to_the_batch_confusion():
 def test_mismatched_shapes_are_a_clear_error():
     with pytest.raises(ValueError, match="differ"):
         mean_iou([np.zeros((4, 4))], [np.zeros((4, 5))], num_labels=2)
+    # Same number of pixels, other layout: scoring them would pair unrelated pixels.
+    for predictions, references in (
+        ([np.zeros((2, 3), dtype=np.int64)], [np.zeros((3, 2), dtype=np.int64)]),
+        (np.zeros((1, 2, 3), dtype=np.int64), np.zeros((1, 3, 2), dtype=np.int64)),
+        (torch.zeros(1, 2, 3, dtype=torch.long), [torch.zeros(3, 2, dtype=torch.long)]),
+    ):
+        with pytest.raises(ValueError, match=r"differ in shape \(\(2, 3\) vs \(3, 2\)\)"):
+            mean_iou(predictions, references, num_labels=2)
+    with pytest.raises(ValueError, match="number of images"):
+        mean_iou([np.zeros((2, 2))] * 2, [np.zeros((2, 2))], num_labels=2)
+
+
+@pytest.mark.parametrize("bad", [1.5, np.nan, np.inf])
+def test_non_integer_predictions_are_a_clear_error(bad):
+    reference = np.array([[0, 1], [1, 1]])
+    prediction = np.array([[0.0, bad], [1.0, 1.0]])
+    for predictions in ([prediction], prediction[None], torch.from_numpy(prediction)[None]):
+        with pytest.raises(ValueError, match="predictions must be integer label ids"):
+            mean_iou(predictions, [reference], num_labels=2)
+    with pytest.raises(ValueError, match="references must be integer label ids"):
+        mean_iou([reference], [prediction], num_labels=2)
+    # Whole numbers stored as floats are label ids all the same.
+    as_float = mean_iou([reference.astype(np.float32)], [reference], num_labels=2)
+    assert as_float["mean_iou"] == 1.0
+
+
+def test_evaluate_module_refuses_mismatched_shapes_and_non_integers(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    module = load_mean_iou()
+    with pytest.raises(ValueError, match="differ in shape"):
+        module.compute(
+            predictions=[np.zeros((2, 3), dtype=np.int64)], references=[np.zeros((3, 2), dtype=np.int64)],
+            num_labels=2, ignore_index=IGNORE,
+        )
+    # evaluate's uint16 features refuse fractional ids before the module computes anything.
+    with pytest.raises(ValueError, match="expected format"):
+        module.compute(
+            predictions=[np.array([[0.0, 1.5]])], references=[np.array([[0, 1]])], num_labels=2, ignore_index=IGNORE
+        )
 
 
 def test_evaluate_module_loads_offline_and_agrees(monkeypatch):

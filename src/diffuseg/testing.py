@@ -454,3 +454,17 @@ def save_tiny_pipeline(directory: str | os.PathLike, family: Family, **kwargs) -
         if tokenizer is not None and type(tokenizer).__name__.startswith("CLIP"):
             save_clip_tokenizer(tokenizer, os.path.join(directory, name))
     return os.fspath(directory)
+
+
+def on_same_components(pipe, pipeline_class=None, scheduler_class=None):
+    """A ``pipeline_class`` (default: ``pipe``'s class) sharing ``pipe``'s components, progress bar off.
+
+    ``scheduler_class``: another scheduler, built from ``pipe``'s scheduler config. Tests use it to
+    run a pipeline beside the plain diffusers pipeline it extends, on the same weights.
+    """
+    components = dict(pipe.components)
+    if scheduler_class is not None:
+        components["scheduler"] = scheduler_class.from_config(pipe.scheduler.config)
+    other = (pipeline_class or type(pipe))(**components, requires_safety_checker=False)
+    other.set_progress_bar_config(disable=True)
+    return other

@@ -12,6 +12,7 @@ call the functions here, so the logic lives once::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,30 +34,37 @@ def load_mean_iou(**kwargs: Any):
     return evaluate.load(str(MEAN_IOU_PATH), **kwargs)
 
 
-def _as_long_tensor(image: Any) -> torch.Tensor:
-    if isinstance(image, torch.Tensor):
-        return image.long()
-    return torch.from_numpy(np.asarray(image, dtype=np.int64))
+def _as_long_tensor(image: Any, what: str) -> torch.Tensor:
+    """``image`` as int64, refusing values that are not whole numbers (truncating them would hide a bug)."""
+    tensor = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.asarray(image))
+    if tensor.is_floating_point() or tensor.is_complex():
+        fractional = ~torch.isfinite(tensor) | (tensor != tensor.round())
+        if fractional.any():
+            value = tensor[fractional].flatten()[0].item()
+            raise ValueError(
+                f"{what} must be integer label ids, got the non-integer value {value!r}; "
+                "pass label maps (e.g. the arg-max over classes), not scores or probabilities"
+            )
+    return tensor.long()
 
 
-def _pixels(images: Any, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """All pixels of ``images`` as one int64 vector, and the number of pixels of each image.
+def _pixels(images: Any, what: str) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """All pixels of ``images`` as one int64 vector, and the shape of each image.
 
     ``images`` is one array/tensor whose first axis is the image, or a sequence of arrays of
     any (possibly different) shapes.
     """
     if isinstance(images, torch.Tensor) or (isinstance(images, np.ndarray) and images.dtype != object):
-        stacked = _as_long_tensor(images)
+        stacked = _as_long_tensor(images, what)
         if stacked.dim() == 0:
             raise ValueError(f"{what} must be images (at least one axis), got a scalar")
-        per_image = stacked[0].numel() if len(stacked) else 0
-        return stacked.reshape(-1), torch.full((len(stacked),), per_image, device=stacked.device)
+        return stacked.reshape(-1), [tuple(stacked.shape[1:])] * len(stacked)
     if not isinstance(images, (Sequence, np.ndarray)):
         raise ValueError(f"{what} must be an array, a tensor or a list of arrays, got {type(images).__name__}")
-    flat = [_as_long_tensor(image).reshape(-1) for image in images]
-    if not flat:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    return torch.cat(flat), torch.tensor([len(pixels) for pixels in flat], device=flat[0].device)
+    tensors = [_as_long_tensor(image, what) for image in images]
+    if not tensors:
+        return torch.zeros(0, dtype=torch.long), []
+    return torch.cat([t.reshape(-1) for t in tensors]), [tuple(t.shape) for t in tensors]
 
 
 def confusion_matrix(
@@ -75,8 +83,8 @@ def confusion_matrix(
     metric does. Pixels whose (mapped) reference is ``ignore_index`` are not counted.
 
     Args:
-        predictions, references: one array or tensor ``(N, ...)`` or a list of ``N`` arrays
-            (shapes may differ between images, not between an image's prediction and reference).
+        predictions, references: one array or tensor ``(N, ...)`` or a list of ``N`` arrays of integer
+            ids (shapes may differ between images, not between an image's prediction and reference).
         label_map: reference id -> new id, applied to the references first, entry by entry as
             the Hub metric does.
         reduce_labels: references 0 become ``255`` and every other id is lowered by one.
@@ -85,14 +93,19 @@ def confusion_matrix(
     """
     if num_labels < 1:
         raise ValueError(f"num_labels must be at least 1, got {num_labels}")
-    predicted, predicted_sizes = _pixels(predictions, "predictions")
-    reference, reference_sizes = _pixels(references, "references")
-    if len(predicted_sizes) != len(reference_sizes) or not torch.equal(predicted_sizes.cpu(), reference_sizes.cpu()):
+    predicted, predicted_shapes = _pixels(predictions, "predictions")
+    reference, reference_shapes = _pixels(references, "references")
+    if len(predicted_shapes) != len(reference_shapes):
         raise ValueError(
-            f"predictions and references differ in number or size of images "
-            f"({len(predicted_sizes)} vs {len(reference_sizes)} images, "
-            f"{int(predicted_sizes.sum())} vs {int(reference_sizes.sum())} pixels)"
+            f"predictions and references differ in number of images ({len(predicted_shapes)} vs {len(reference_shapes)})"
         )
+    # Equal pixel counts are not enough: a (2, 3) map scored against a (3, 2) one pairs unrelated pixels.
+    for i, (predicted_shape, reference_shape) in enumerate(zip(predicted_shapes, reference_shapes)):
+        if predicted_shape != reference_shape:
+            raise ValueError(
+                f"prediction and reference {i} differ in shape ({predicted_shape} vs {reference_shape}); "
+                "resize the prediction to its reference's size (nearest neighbour) before scoring"
+            )
     reference = reference.to(predicted.device)
     if label_map:
         reference = reference.clone()
@@ -110,8 +123,9 @@ def confusion_matrix(
     cell = reference * size + predicted
     if not per_image:
         return torch.bincount(cell[counted], minlength=size * size).reshape(size, size)
-    images = len(predicted_sizes)
-    image_of_pixel = torch.repeat_interleave(torch.arange(images, device=cell.device), predicted_sizes.to(cell.device))
+    images = len(predicted_shapes)
+    sizes = torch.tensor([math.prod(shape) for shape in predicted_shapes], device=cell.device)
+    image_of_pixel = torch.repeat_interleave(torch.arange(images, device=cell.device), sizes)
     cell = cell + image_of_pixel * (size * size)
     return torch.bincount(cell[counted], minlength=images * size * size).reshape(images, size, size)
 
@@ -189,7 +203,8 @@ def mean_iou(
     """Mean IoU of predicted label maps against references, the Hub ``mean_iou`` way.
 
     Args:
-        predictions, references: label maps, ``(N, H, W)`` array/tensor or a list of 2-D arrays.
+        predictions, references: integer label maps (floats must hold whole numbers), ``(N, H, W)``
+            array/tensor or a list of 2-D arrays; each prediction has its reference's shape.
         num_labels: number of classes (ids ``0 .. num_labels - 1``).
         ignore_index: reference id not counted (``None``: count every pixel).
         nan_to_num: replace NaN figures (classes in neither references nor predictions).
@@ -199,6 +214,9 @@ def mean_iou(
 
     Returns:
         The dict documented in :func:`metrics_from_confusion`.
+
+    Raises:
+        ValueError: a prediction's shape differs from its reference's, or a value is not a whole number.
     """
     confusion = confusion_matrix(predictions, references, num_labels, ignore_index, label_map, reduce_labels)
     return metrics_from_confusion(confusion, nan_to_num=nan_to_num, unseen_classes=unseen_classes)

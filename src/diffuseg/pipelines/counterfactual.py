@@ -14,7 +14,10 @@ positive's class-word cross-attention (DiffuMask's signal).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import copy
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +28,8 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffuseg.attention import AttentionStore, Size, attention_control
+from diffuseg.attention import AttentionStore, Size, StepWindow, attention_control, step_window
 from diffuseg.masks import (
-    aggregate_resolutions,
     label_map,
     normalize_max,
     thresholds,
@@ -36,7 +38,9 @@ from diffuseg.masks import (
 from diffuseg.pipelines.diffumask import (
     MAX_SELF_ATTENTION_TOKENS,
     DiffuMaskPipeline,
+    negative_prompt_per_prompt,
     one_list_per_prompt,
+    recorded_attention,
     self_attention_height,
 )
 from diffuseg.tokens import replace_words, replacement_token_alignment, token_weights
@@ -90,8 +94,10 @@ class CounterfactualAttention(AttentionStore):
         token_weights: ``(images, tokens, words)`` of the positive prompts, for recording.
         token_alignment: ``(images, tokens)``: for each counterfactual token, the positive token
             it copies attention from, -1 for none (see :func:`diffuseg.tokens.replacement_token_alignment`).
-        self_attention_steps: injects self-attention in UNet evaluations ``[0, self_attention_steps)``.
-        cross_attention_steps: injects cross-attention in UNet evaluations ``[0, cross_attention_steps)``.
+        self_attention_steps: injects self-attention in UNet evaluations ``[0, self_attention_steps)``;
+            a function returning the number is called at the first UNet evaluation (see ``steps``).
+        cross_attention_steps: injects cross-attention in UNet evaluations ``[0, cross_attention_steps)``;
+            or a function, as ``self_attention_steps``.
         self_attention_resolutions: heights of the self-attention maps to inject; ``None``: every
             level coarser than the finest (the latent's own size) with at most
             ``MAX_SELF_ATTENTION_TOKENS`` (32²) positions. Explicit self-attention costs
@@ -103,11 +109,11 @@ class CounterfactualAttention(AttentionStore):
         self,
         token_weights: torch.Tensor,
         token_alignment: torch.Tensor,
-        self_attention_steps: int,
-        cross_attention_steps: int,
+        self_attention_steps: int | Callable[[], int],
+        cross_attention_steps: int | Callable[[], int],
         self_attention_resolutions: Iterable[int] | None = None,
         resolutions: Iterable[int] | None = None,
-        steps: tuple[int, int] | None = None,
+        steps: StepWindow | Callable[[], StepWindow] | None = None,
         self_attention_resolution: int | None = None,
     ) -> None:
         super().__init__(token_weights, resolutions, steps, self_attention_resolution)
@@ -121,6 +127,15 @@ class CounterfactualAttention(AttentionStore):
         self.self_attention_resolutions = (
             None if self_attention_resolutions is None else frozenset(int(r) for r in self_attention_resolutions)
         )
+
+    def begin_denoiser_call(
+        self, grid: Size, batch: int, context: torch.Tensor | None = None, auxiliary: bool = False
+    ) -> None:
+        super().begin_denoiser_call(grid, batch, context, auxiliary)
+        if callable(self.self_attention_steps):
+            self.self_attention_steps = self.self_attention_steps()
+        if callable(self.cross_attention_steps):
+            self.cross_attention_steps = self.cross_attention_steps()
 
     def injects(self, kind: str, size: Size) -> bool:
         """Whether the ``kind`` layer at ``size`` gets the positives' attention at the current step."""
@@ -180,7 +195,7 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         class_names: Sequence[str] | Sequence[Sequence[str]] = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = 50,
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
@@ -220,9 +235,15 @@ class CounterfactualPipeline(StableDiffusionPipeline):
             num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt, eta,
             generator, latents, output_type, return_dict, callback_on_step_end,
             callback_on_step_end_tensor_inputs: as in ``StableDiffusionPipeline``; other keyword
-                arguments are passed through to it. ``latents`` and ``generator`` give the initial
-                noise of the positives, which the counterfactuals share. A step-end callback sees
-                the doubled batch ``[positives, counterfactuals]``.
+                arguments (``timesteps``, ``sigmas``, ...) are passed through to it.
+                ``negative_prompt``: one string for every prompt, or one per prompt; the
+                counterfactuals share their positive's. ``latents`` and ``generator`` give the
+                positives the noise Stable Diffusion would give them, initial and per step (DDIM
+                with ``eta > 0``, ancestral and SDE samplers, LCM), and each counterfactual the same
+                noise as its positive. A step-end callback sees the doubled batch ``[positives,
+                counterfactuals]`` (``latents`` of ``2 × images``); setting ``pipe._interrupt`` there
+                stops both halves at that step, and the masks come from the attention recorded until
+                then (all background if it stopped before ``attention_steps`` began).
             replacement: what the class words become in the counterfactual prompt ("nothing", as
                 in MagicSeg, or a background phrase such as "empty grass"); must not contain them.
             remove_phrases: phrases replaced together with the class words, so that what describes
@@ -230,11 +251,11 @@ class CounterfactualPipeline(StableDiffusionPipeline):
                 the street", where the class word alone would leave "a red nothing", which a model may
                 still draw as something red. One list shared by all prompts or one list per prompt;
                 each phrase must occur in its prompt.
-            self_attention_fraction: fraction of the first denoising steps in which the
-                counterfactual reuses the positive's self-attention (the layout).
+            self_attention_fraction: fraction of the first denoising steps (of the schedule run) in
+                which the counterfactual reuses the positive's self-attention (the layout).
             cross_attention_fraction: fraction of the first steps in which it reuses the positive's
                 cross-attention for every token but the replaced ones. 0 and 0: no injection
-                (only the initial noise is shared).
+                (only the noise is shared).
             self_attention_resolutions: heights of the self-attention maps injected; ``None``: every
                 level but the finest with at most 32² positions -- 32², 16², 8² for SD at 512²
                 (prompt-to-prompt's choice; the finest, 64², would cost 16× the 32² level), 8² for
@@ -248,7 +269,8 @@ class CounterfactualPipeline(StableDiffusionPipeline):
             difference_weight: ``w`` above, in [0, 1]; 0 gives DiffuMask's attention-only masks.
             resolutions: heights of the cross-attention maps aggregated into the attention signal
                 (``None``: all).
-            attention_steps: ``(start, end)`` fractions of the denoising steps whose attention is
+            attention_steps: ``(start, end)`` fractions of the denoising steps (of the schedule run,
+                custom ``timesteps`` or ``sigmas`` included; at least one step) whose attention is
                 averaged into the attention signal.
             threshold: ``"otsu"``, ``"adaptive"`` (DiffuMask's search in 0.45–0.53), or a number;
                 used for the fused masks and for both signals of ``agreement``.
@@ -290,30 +312,31 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         alignment = torch.stack(
             [replacement_token_alignment(self.tokenizer, p, r, replacement) for p, r in zip(prompts, removed)]
         ).repeat_interleave(num_images_per_prompt, dim=0)
-        first_step = round(attention_steps[0] * num_inference_steps)
         latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        # Windows span the schedule run, known once the pipeline has set its timesteps.
         controller = CounterfactualAttention(
             weights,
             alignment,
-            self_attention_steps=round(self_attention_fraction * num_inference_steps),
-            cross_attention_steps=round(cross_attention_fraction * num_inference_steps),
+            self_attention_steps=lambda: round(self_attention_fraction * self.num_timesteps),
+            cross_attention_steps=lambda: round(cross_attention_fraction * self.num_timesteps),
             self_attention_resolutions=self_attention_resolutions,
             resolutions=resolutions,
-            steps=(first_step, max(first_step + 1, round(attention_steps[1] * num_inference_steps))),
+            steps=lambda: step_window(attention_steps, self.num_timesteps),
             self_attention_resolution=self_attention_height(latent_size) if refine else None,
         )
 
-        # 2. One denoising loop over [positives, counterfactuals] from the same initial noise.
+        # 2. One denoising loop over [positives, counterfactuals] from the same noise.
         noise = self.initial_noise(images_per_half, height, width, generator, latents)
         doubled_generator = generator * 2 if isinstance(generator, list) else generator
-        with attention_control(self.unet, controller):
+        negative_prompts = negative_prompt_per_prompt(negative_prompt, len(prompts))
+        with attention_control(self.unet, controller), paired_scheduler_steps(self.scheduler, images_per_half):
             final_latents = super().__call__(
                 prompt=prompts + counterfactual_prompts,
                 height=height,
                 width=width,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                negative_prompt=negative_prompt * 2 if isinstance(negative_prompt, list) else negative_prompt,
+                negative_prompt=None if negative_prompts is None else negative_prompts * 2,
                 num_images_per_prompt=num_images_per_prompt,
                 eta=eta,
                 generator=doubled_generator,
@@ -328,9 +351,9 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         pixels = self.decode_to_pixels(final_latents, doubled_generator) if needs_pixels else None
 
         # 3. Two mask signals: the positives' class-word attention, and where the pair differs.
-        attention = aggregate_resolutions(list(controller.cross_attention().values()), (height, width))
-        if refine:
-            attention = controller.refine(attention, refine_iterations)
+        attention = recorded_attention(
+            controller, (height, width), refine_iterations if refine else 0, self.interrupt, self._execution_device
+        )
         if difference_source == "image":
             positive, negative = pixels.float().chunk(2)
             difference = (positive - negative).abs().mean(dim=1)
@@ -430,6 +453,77 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         image, nsfw = self.run_safety_checker(image, self._execution_device, latents.dtype)
         denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
         return self.image_processor.postprocess(image, output_type="pt", do_denormalize=denormalize)
+
+
+@contextmanager
+def paired_scheduler_steps(scheduler, images: int) -> Iterator[None]:
+    """Step the batch ``[positives, counterfactuals]`` (``images`` each) as two runs of ``scheduler`` on the same noise.
+
+    A sampler that draws noise at every step (DDIM with ``eta > 0``, ancestral and SDE samplers,
+    LCM) would draw it for the doubled batch at once: the positives would get other noise than
+    Stable Diffusion gives them for the same generator, and each counterfactual other noise than
+    its positive, another scene. Inside the block the positives are stepped by ``scheduler``
+    itself, exactly as in the plain pipeline; the counterfactuals by a copy of it (made at the
+    first step, so with the same timesteps and state), after the random generators are rewound,
+    so that they draw the same noise. Multistep samplers keep each half's history apart.
+    """
+    original_step = scheduler.step
+    twin = None
+
+    @functools.wraps(original_step)  # the pipeline reads the step's signature to pass `eta` and `generator`
+    def step(model_output: torch.Tensor, timestep, sample: torch.Tensor, *args, **kwargs):
+        nonlocal twin
+        if model_output.shape[0] != 2 * images:
+            raise ValueError(
+                f"the scheduler stepped a batch of {model_output.shape[0]}, not [positives, counterfactuals] "
+                f"of {images} images each"
+            )
+        if twin is None:
+            twin = copy.deepcopy(scheduler)
+            del twin.step  # the copy took this wrapper along as an instance attribute
+        # The pipeline passes a generator only to samplers that take one: one, or one per image of the batch.
+        generator = kwargs.pop("generator", None)
+        halves = (generator[:images], generator[images:]) if isinstance(generator, list) else (generator, generator)
+        positive_kwargs, negative_kwargs = (
+            kwargs if generator is None else {**kwargs, "generator": half} for half in halves
+        )
+        with rewound(generator, model_output.device):
+            positive = original_step(model_output[:images], timestep, sample[:images], *args, **positive_kwargs)
+        negative = twin.step(model_output[images:], timestep, sample[images:], *args, **negative_kwargs)
+        return concatenate_halves(positive, negative)
+
+    scheduler.step = step  # instance attribute shadows the method; deleted on exit
+    try:
+        yield
+    finally:
+        del scheduler.step
+
+
+@contextmanager
+def rewound(generator: torch.Generator | list[torch.Generator] | None, device: torch.device) -> Iterator[None]:
+    """Draws inside the block leave ``generator`` (``None``: ``device``'s default one) in the state it had before."""
+    if generator is None:
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+            yield
+        return
+    generators = generator if isinstance(generator, list) else [generator]
+    states = [g.get_state() for g in generators]
+    try:
+        yield
+    finally:
+        for g, state in zip(generators, states):
+            g.set_state(state)
+
+
+def concatenate_halves(positive, negative):
+    """The scheduler output of the whole batch from those of its halves (tuples, ``BaseOutput`` s or tensors)."""
+    if isinstance(positive, torch.Tensor):
+        return torch.cat([positive, negative])
+    if isinstance(positive, BaseOutput):
+        return type(positive)(**{key: concatenate_halves(positive[key], negative[key]) for key in positive.keys()})
+    if isinstance(positive, tuple):
+        return tuple(concatenate_halves(p, n) for p, n in zip(positive, negative))
+    return positive
 
 
 def fuse_signals(attention: torch.Tensor, difference: torch.Tensor, fusion: str, weight: float) -> torch.Tensor:

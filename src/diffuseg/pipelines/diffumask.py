@@ -20,8 +20,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from diffuseg.attention import capture
-from diffuseg.masks import label_map, thresholds
+from diffuseg.attention import AttentionStore, capture, step_window
+from diffuseg.masks import aggregate_resolutions, label_map, thresholds
 
 # Self-attention is recorded at the finest level with at most this many positions:
 # explicit self-attention costs O(positions²) memory and time.
@@ -62,7 +62,7 @@ class DiffuMaskPipeline(StableDiffusionPipeline):
         class_names: Sequence[str] | Sequence[Sequence[str]] = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = 50,
         guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
@@ -92,12 +92,16 @@ class DiffuMaskPipeline(StableDiffusionPipeline):
             num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt, eta,
             generator, latents, output_type, return_dict, callback_on_step_end,
             callback_on_step_end_tensor_inputs: as in ``StableDiffusionPipeline``; other
-                keyword arguments (``timesteps``, ``cross_attention_kwargs``, ``clip_skip``,
-                ...) are passed through to it.
+                keyword arguments (``timesteps``, ``sigmas``, ``cross_attention_kwargs``,
+                ``clip_skip``, ...) are passed through to it. ``negative_prompt``: one string for
+                every prompt, or one per prompt. An interrupted call (``pipe._interrupt`` set in a
+                step-end callback) returns the images reached and masks from the attention recorded
+                until then: all background if it stopped before ``attention_steps`` began.
             resolutions: heights of the cross-attention maps to aggregate (e.g. ``(16, 32, 64)``
                 for SD at 512², DiffuMask's choice); ``None``: all.
             attention_steps: ``(start, end)`` fractions of the denoising steps whose attention
-                is averaged; DiffuMask averages all of them.
+                is averaged, of the schedule actually run (custom ``timesteps`` or ``sigmas``
+                included); at least one step. DiffuMask averages all of them.
             threshold: ``"otsu"``, ``"adaptive"`` (DiffuMask's search in 0.45–0.53), or a number.
             ignore_band: pixels within this distance of their threshold become 255 (ignore).
             refine: propagate the maps along self-attention affinities before thresholding
@@ -124,14 +128,13 @@ class DiffuMaskPipeline(StableDiffusionPipeline):
         thresholds(torch.zeros(1, 1, 1), threshold)  # fail now, not after the generation, on a bad method
 
         # 1. Generate while recording the class words' cross-attention (and self-attention to refine).
-        first_step = round(attention_steps[0] * num_inference_steps)
-        last_step = max(first_step + 1, round(attention_steps[1] * num_inference_steps))
         latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         with capture(
             self,
             words,
             resolutions=resolutions,
-            steps=(first_step, last_step),
+            # The window spans the schedule run, known once the pipeline has set its timesteps.
+            steps=lambda: step_window(attention_steps, self.num_timesteps),
             self_attention_resolution=self_attention_height(latent_size) if refine else None,
         ) as maps:
             generated = super().__call__(
@@ -140,7 +143,7 @@ class DiffuMaskPipeline(StableDiffusionPipeline):
                 width=width,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                negative_prompt=negative_prompt,
+                negative_prompt=negative_prompt_per_prompt(negative_prompt, len(prompts)),
                 num_images_per_prompt=num_images_per_prompt,
                 eta=eta,
                 generator=generator,
@@ -153,9 +156,9 @@ class DiffuMaskPipeline(StableDiffusionPipeline):
             )
 
         # 2. Aggregate resolutions into one soft map per class word, at image size.
-        attention = maps.aggregate((height, width))
-        if refine:
-            attention = maps.store.refine(attention, refine_iterations)
+        attention = recorded_attention(
+            maps.store, (height, width), refine_iterations if refine else 0, self.interrupt, self._execution_device
+        )
 
         # 3. Threshold each map and assemble one label map per image.
         masks = label_maps_of(attention, words, num_images_per_prompt, threshold, ignore_band, min_component_area)
@@ -206,6 +209,35 @@ def diffumask_output(images, masks: np.ndarray, attention: torch.Tensor, output_
     if not return_dict:
         return images, masks, attention
     return DiffuMaskPipelineOutput(images=images, masks=masks, attention_maps=attention)
+
+
+def negative_prompt_per_prompt(negative_prompt: str | list[str] | None, prompts: int) -> list[str] | None:
+    """``negative_prompt`` as one string per prompt: what ``StableDiffusionPipeline`` needs beside a list of prompts."""
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return None if negative_prompt is None else [negative_prompt] * prompts
+    if len(negative_prompt) != prompts:
+        raise ValueError(
+            f"got {prompts} prompts but {len(negative_prompt)} negative prompts; "
+            "give one negative prompt for all of them, or one per prompt"
+        )
+    return list(negative_prompt)
+
+
+def recorded_attention(
+    store: AttentionStore, size: tuple[int, int], refine_iterations: int, interrupted: bool, device: torch.device
+) -> torch.Tensor:
+    """DiffuMask's soft maps ``(images, words, H, W)`` from what ``store`` recorded, refined if asked.
+
+    A call interrupted before its first recorded step has no attention: its maps are zeros.
+    """
+    per_resolution = store.cross_attention()
+    if not per_resolution and interrupted:
+        images, _, words = store.token_weights.shape
+        return torch.zeros(images, words, *size, device=device)
+    if not per_resolution:
+        raise RuntimeError("no cross-attention was recorded: check `resolutions` and `attention_steps`")
+    attention = aggregate_resolutions(list(per_resolution.values()), size)
+    return store.refine(attention, refine_iterations) if refine_iterations else attention
 
 
 def one_list_per_prompt(values: Sequence[str] | Sequence[Sequence[str]], prompts: int, what: str) -> list[list[str]]:

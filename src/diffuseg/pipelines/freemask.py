@@ -271,7 +271,7 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
                 base_prompts, base_words, base_ids, size, generator=generator, threshold=threshold,
                 ignore_band=ignore_band, refine=refine, refine_iterations=refine_iterations,
                 min_component_area=min_component_area, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, negative_prompt=negative_prompt, resolutions=resolutions,
+                guidance_scale=guidance_scale, negative_prompt=negative_prompt, eta=eta, resolutions=resolutions,
             )
         else:
             images, labels = base_images.to(self._execution_device), base_labels
