@@ -33,6 +33,7 @@ from diffuseg.masks import (
     thresholds,
     upsample,
 )
+from diffuseg.pipelines.checks import check_sampling_inputs
 from diffuseg.pipelines.diffumask import (
     MAX_SELF_ATTENTION_TOKENS,
     DiffuMaskPipeline,
@@ -271,6 +272,7 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         removed = [[*w, *p] for w, p in zip(words, phrases)]  # what the counterfactual prompts replace
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
+        check_sampling_inputs(self, height, width, num_inference_steps, guidance_scale, resolutions)
         self.check_counterfactual_inputs(
             height,
             width,

@@ -55,6 +55,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from diffuseg.attention import capture
 from diffuseg.masks import IGNORE_INDEX, label_map as assemble_label_map, thresholds
+from diffuseg.pipelines.checks import check_sampling_inputs
 from diffuseg.pipelines.diffumask import DiffuMaskPipeline, self_attention_height
 from diffuseg.tokens import word_token_positions
 
@@ -255,6 +256,7 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
             size = (height or self.unet.config.sample_size * self.vae_scale_factor,
                     width or self.unet.config.sample_size * self.vae_scale_factor)
         check_image_size(size)
+        check_sampling_inputs(self, *size, num_inference_steps, guidance_scale, resolutions)
         per_image = parse_objects(objects, batch, names, size, self.tokenizer)
         check_generators(generator, batch)
         feather = self.vae_scale_factor if feather is None else int(feather)
