@@ -314,16 +314,20 @@ class DatasetWriter:
         self.data_dir = self.folder / "data"
         self._check_folder()
         self._lock = FolderLock(self.folder) if lock else None
-        self._claim_split()
-        for directory in (self.data_dir, self.staging_dir):
-            directory.mkdir(parents=True, exist_ok=True)
-        self._completed = self._scan_completed()
+        try:
+            self._claim_split()
+            for directory in (self.data_dir, self.staging_dir):
+                directory.mkdir(parents=True, exist_ok=True)
+            self._completed = self._scan_completed()
+            self._extra_types: dict[str, str] | None = self._stored_extra_types()
+        except BaseException:
+            self.unlock()  # a refused folder is not kept locked by the half-made writer
+            raise
         self._next_index = max(self._completed, default=-1) + 1
         # block -> {sample index: row dict (encoded) or None when skipped}; skip records by index.
         self._blocks: dict[int, dict[int, dict | None]] = {}
         self._block_done_before: dict[int, int] = {}  # samples of the block already on disk
         self._skip_records: dict[int, dict] = {}
-        self._extra_types: dict[str, str] | None = self._stored_extra_types()
         self._closed = False
 
     # ----------------------------------------------------------------- folder state

@@ -477,6 +477,10 @@ def load_checkpoint(accelerator, folder: Path, scheduler) -> int:
     if "scheduler" not in state:
         raise ValueError(f"checkpoint {folder} has no scheduler state in trainer_state.json (an older diffuseg kept it "
                          "as a pickle, which is not loaded): start a new run in a new --output-dir")
+    planted = sorted(p.name for p in folder.glob("custom_checkpoint_*.pkl"))
+    if planted:
+        raise ValueError(f"checkpoint {folder} holds {', '.join(planted)}: pickles, which diffuseg never loads (they can "
+                         "run code); resume from a checkpoint diffuseg wrote, or delete them if you trust the rest")
     try:
         accelerator.load_state(str(folder))
     except pickle.UnpicklingError as error:

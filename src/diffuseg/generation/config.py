@@ -93,9 +93,10 @@ class GenerationConfig:
         positive = {"images_per_class": self.images_per_class, "batch_size": self.batch_size,
                     "samples_per_shard": self.samples_per_shard, "num_inference_steps": self.num_inference_steps,
                     "prompt_max_new_tokens": self.prompt_max_new_tokens}
+        flags = {"num_inference_steps": "--steps"}  # fields whose flag has another name
         for name, value in positive.items():
             if int(value) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+                raise ValueError(f"{flags.get(name, '--' + name.replace('_', '-'))} must be a positive integer, got {value}")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):

@@ -21,6 +21,13 @@ def attention_heights(unet, latent_height: int) -> list[int]:
     return sorted(heights, reverse=True)
 
 
+def default_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    """``(height, width)``, each ``None`` replaced by the model's native side (and only ``None``:
+    a 0 stays 0, for :func:`check_sampling_inputs` to refuse, rather than silently meaning the default)."""
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return (native if height is None else height, native if width is None else width)
+
+
 def check_sampling_inputs(
     pipe,
     height: int,
