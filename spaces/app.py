@@ -669,12 +669,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or $GRADIO_SERVER_PORT)")
     parser.add_argument("--size", type=int, help="default image side in pixels (default: the model's native size)")
     parser.add_argument("--steps", type=int, help="default number of denoising steps (default: the model's recipe)")
-    parser.add_argument("--dataset", action="append", default=[], metavar="FOLDER_OR_ID",
-                        help="a dataset folder or Hub id the Dataset browser offers (repeat for several); it opens no other")
+    parser.add_argument("--dataset", action="append", default=os.environ.get("DIFFUSEG_DATASETS", "").split(),
+                        metavar="FOLDER_OR_ID", help="a dataset folder or Hub id the Dataset browser offers (repeat for "
+                        "several; also $DIFFUSEG_DATASETS, space-separated); it opens no other")
     parser.add_argument("--allow-hub-datasets", action="store_true",
                         help="the Dataset browser also opens any Hub dataset id a visitor types")
-    parser.add_argument("--models", nargs="+", default=[], metavar="MODEL",
-                        help="further models the Model box offers (pipeline folders or Hub ids); it loads no other")
+    parser.add_argument("--models", nargs="+", default=os.environ.get("DIFFUSEG_MODELS", "").split(), metavar="MODEL",
+                        help="further models the Model box offers (pipeline folders or Hub ids; also $DIFFUSEG_MODELS, "
+                        "space-separated); it loads no other")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     demo = build_demo(args.model, size=args.size, steps=args.steps, dataset=args.dataset, models=args.models,

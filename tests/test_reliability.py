@@ -192,8 +192,8 @@ def tiny_pipe():
 @pytest.mark.parametrize(
     "pipeline, overrides, message",
     [
-        ("diffumask", {"height": 0}, "height must be a positive multiple of 2 pixels"),
-        ("diffumask", {"width": 31}, "width must be a positive multiple of 2 pixels"),
+        ("diffumask", {"height": 0}, "height and width must be positive multiples of 8 pixels, got height=0"),
+        ("diffumask", {"width": 36}, "height and width must be positive multiples of 8 pixels, got width=36"),
         ("diffumask", {"guidance_scale": -3.0}, "guidance_scale must be 0 or more"),
         ("diffumask", {"num_inference_steps": 0}, "num_inference_steps must be a positive integer, got 0"),
         ("diffumask", {"num_inference_steps": -1}, "num_inference_steps must be a positive integer, got -1"),

@@ -312,9 +312,10 @@ def test_server_files_stay_private_over_http(server, dataset_folder, workdir):
             client.predict(model, "a red circle", "circle", SIZE, 2, 4.0, 0, "otsu", False, api_name="/diffumask_tab")
         assert "not in the list of choices" in str(refused.value) or "does not offer that model" in str(refused.value)
     model = str(workdir / "tiny-sd")
-    for size, steps, prompt, message in [(SIZE, 10**6, "a circle", "steps must be between 1 and 100"),
-                                         (10**5, 2, "a circle", "size must be between 32 and 1024"),
-                                         (SIZE, 2, "a circle " * 500, "characters long")]:
+    # Gradio bounds the sliders itself; the app checks again (and what Gradio does not: text length).
+    for size, steps, prompt, message in [(SIZE, 10**6, "a circle", "steps must be between 1 and 100|greater than maximum value 100"),
+                                         (10**5, 2, "a circle", "size must be between 32 and 1024|greater than maximum value 1024"),
+                                         (SIZE, 2, "a circle " * 500, "prompt is 4500 characters long; at most 1000")]:
         with pytest.raises(Exception, match=message):
             client.predict(model, prompt, "circle", size, steps, 4.0, 0, "otsu", False, api_name="/diffumask_tab")
 
@@ -325,6 +326,7 @@ def test_dataset_catalog_opens_only_what_it_was_given(dataset_folder, workdir, m
 
     spec = importlib.util.spec_from_file_location("space_app", SPACE / "app.py")
     app = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "space_app", app)  # its dataclasses look their module up there
     spec.loader.exec_module(app)
     monkeypatch.chdir(workdir)
     catalog = app.DatasetCatalog([str(dataset_folder)], allow_hub=True)

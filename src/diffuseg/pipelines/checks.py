@@ -40,16 +40,17 @@ def check_sampling_inputs(
 
     Args:
         pipe: the pipeline (its UNet and VAE scale factor define valid sizes and resolutions).
-        height, width: image size in pixels: positive multiples of the VAE scale factor.
+        height, width: image size in pixels: positive multiples of 8 (and of the VAE scale factor).
         num_inference_steps: at least 1 (0 divides by zero in the schedulers).
         guidance_scale: classifier-free guidance, 0 or more (at most 1 switches guidance off);
             a negative scale steers the image away from its prompt.
         resolutions: attention-map heights to record; each must exist at this image size.
     """
     factor = pipe.vae_scale_factor
+    multiple = math.lcm(8, factor)  # diffusers' Stable Diffusion pipelines need multiples of 8 whatever the VAE
     for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < factor or value % factor:
-            raise ValueError(f"{name} must be a positive multiple of {factor} pixels for this model, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < multiple or value % multiple:
+            raise ValueError(f"height and width must be positive multiples of {multiple} pixels, got {name}={value!r}")
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
     if not math.isfinite(float(guidance_scale)) or guidance_scale < 0:
