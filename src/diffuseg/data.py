@@ -28,7 +28,10 @@ run. ``finalize`` moves the staged shards to ``data/<split>-NNNNN-of-NNNNN.parqu
 
 Several processes may write the same split at once (``accelerate launch``), as long as
 each block is produced by one process: each writes its own shards, then one process calls
-:meth:`DatasetWriter.finalize` after the others have flushed.
+:meth:`DatasetWriter.finalize` after the others have flushed. Two *runs* may not: the
+main writer holds an OS lock on the folder (:class:`FolderLock`), so a second run is
+refused instead of writing the same blocks again, and :func:`check_dataset_folder` (run
+by ``diffuseg push``) refuses a folder whose shards disagree with their ledgers.
 """
 
 from __future__ import annotations
@@ -470,8 +473,8 @@ class DatasetWriter:
         if _png_size(image) != _png_size(label):
             raise ValueError(f"sample {index}: image is {_png_size(image)} but label is {_png_size(label)} (W, H)")
         num_classes = len(self.class_names)
-        values = np.unique(np.asarray(Image.open(io.BytesIO(label))))
-        foreign = [int(v) for v in values if num_classes < v < IGNORE_INDEX]
+        counts = np.bincount(np.asarray(Image.open(io.BytesIO(label))).ravel(), minlength=256)  # faster than unique
+        foreign = [int(v) for v in np.flatnonzero(counts) if num_classes < v < IGNORE_INDEX]
         if foreign:
             raise ValueError(
                 f"sample {index}: label values {foreign[:8]} are not class ids of this dataset "
