@@ -8,6 +8,12 @@ environment variable or the Model box.
 
     python spaces/app.py                                   # http://127.0.0.1:7860
     python spaces/app.py --model path/to/sd-folder --port 8000 --dataset my-synth-set
+
+A public Space must not be a window onto its server: the dataset browser opens only the
+datasets it was started with (``--dataset``, repeatable; Hub ids too with
+``--allow-hub-datasets``), the Model box offers only the models it was started with
+(``--model``, ``--models``), every input is bounded (sizes, steps, text, uploads), a
+generation stops at a deadline, and error messages name no server file.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import functools
 import inspect
 import logging
 import os
+import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,13 +50,21 @@ from diffuseg.visualize import overlay, palette
 logger = logging.getLogger("diffuseg.space")
 
 BACKGROUND = "background"
-KNOWN_CHECKPOINTS = ("stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-2-1-base")
 # Every event that runs the model shares one queue: the pipelines share one UNet, whose
 # attention processors a run swaps in and out.
 MODEL_QUEUE = "model"
 MAX_BROWSER_SAMPLES = 48
 MIN_DISPLAY_SIDE = 256  # overlays of smaller images are enlarged so that their legend is readable
 IMAGE_HEIGHT = 320  # display height of image boxes
+# Bounds of every request: what one user may ask of the shared model queue.
+MAX_SIZE = 1024  # image side, px
+MAX_STEPS = 100
+MAX_GUIDANCE = 30.0
+MAX_TEXT = 1000  # characters of any text input
+MAX_UPLOAD_PIXELS = 4096 * 4096
+MAX_UPLOAD = "25mb"  # request bodies (Gradio's max_file_size)
+MAX_QUEUE = 32  # waiting requests; more are turned away at once
+REQUEST_SECONDS = 300.0  # a generation past this many seconds stops between denoising steps
 # Small model outputs (64 px) fill their boxes, with crisp pixels, rather than sitting in a corner.
 CSS = ".enlarge img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
@@ -149,14 +165,43 @@ def readable_errors(fn: Callable) -> Callable:
             raise
         except torch.cuda.OutOfMemoryError:
             raise gr.Error("out of memory: choose a smaller image size or fewer objects") from None
-        except (ValueError, FileNotFoundError, KeyError) as error:  # bad input: the message says what to change
+        except TimeoutError as error:
+            raise gr.Error(str(error)) from None
+        except OSError:  # files of the server: their names and existence stay in the log
+            logger.exception("handler %s failed", fn.__name__)
+            raise gr.Error("a file this request needs is not available on this server") from None
+        except (ValueError, KeyError) as error:  # bad input: the message says what to change
             logger.info("rejected input: %s", error)
             raise gr.Error(str(error).strip("'\"")) from None
-        except Exception as error:
+        except Exception:
             logger.exception("handler %s failed", fn.__name__)  # the traceback goes to the log only
-            raise gr.Error(f"{type(error).__name__}: {error}") from None
+            raise gr.Error("internal error (the server's log has the details)") from None
 
     return wrapper
+
+
+def check_request(names: Sequence[str], values: Sequence) -> None:
+    """Refuse inputs beyond the Space's bounds (sliders bound the page, not a scripted request)."""
+    bounds = {"size": (32, MAX_SIZE), "steps": (1, MAX_STEPS), "guidance": (0.0, MAX_GUIDANCE)}
+    for name, value in zip(names, values):
+        if name in bounds and value is not None and not bounds[name][0] <= float(value) <= bounds[name][1]:
+            raise ValueError(f"{name} must be between {bounds[name][0]} and {bounds[name][1]}, got {value}")
+        if isinstance(value, str) and len(value) > MAX_TEXT:
+            raise ValueError(f"{name} is {len(value)} characters long; at most {MAX_TEXT}")
+        if isinstance(value, np.ndarray) and value.ndim >= 2 and value.shape[0] * value.shape[1] > MAX_UPLOAD_PIXELS:
+            raise ValueError(f"the image has {value.shape[1]}x{value.shape[0]} pixels; at most {MAX_UPLOAD_PIXELS:,}")
+
+
+def request_deadline(seconds: float = REQUEST_SECONDS) -> Callable:
+    """A ``callback_on_step_end`` that stops a generation once ``seconds`` have passed."""
+    end = time.monotonic() + seconds
+
+    def callback(pipe, step, timestep, tensors):
+        if time.monotonic() > end:
+            raise TimeoutError(f"stopped after {seconds:.0f} s: choose fewer steps or a smaller image")
+        return tensors
+
+    return callback
 
 
 def parse_words(text: str | None) -> list[str]:
@@ -238,7 +283,7 @@ def diffumask_tab(pipes: Pipelines, prompt: str, words: str, size: int, steps: i
     names = parse_words(words)
     out = pipes.diffumask(
         prompt, class_names=names, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
-        generator=seeded(seed), threshold=threshold, refine=refine,
+        generator=seeded(seed), threshold=threshold, refine=refine, callback_on_step_end=request_deadline(),
     )
     image, mask = out.images[0], np.asarray(out.masks[0])
     legend = [BACKGROUND, *names]
@@ -284,6 +329,7 @@ def counterfactual_tab(pipes: Pipelines, prompt: str, words: str, phrases: str, 
         prompt, class_names=names, remove_phrases=parse_words(phrases) if phrases.strip() else None,
         replacement=replacement or "nothing", height=size, width=size,
         num_inference_steps=steps, guidance_scale=guidance, generator=seeded(seed),
+        callback_on_step_end=request_deadline(),
     )
     image, mask = out.images[0], np.asarray(out.masks[0])
     agreement = f"Agreement of the two mask signals (IoU of attention and difference): **{out.agreement[0]:.2f}**"
@@ -316,20 +362,60 @@ def maskdiffusion_tab(pipes: Pipelines, image, words: str, caption: str, size: i
     return annotated(picture, segmentation, legend, skip=()), maps, table
 
 
-def browse_dataset(path: str, split: str, count: int):
-    """A dataset folder or Hub id → overlays of its first samples, and how often each class occurs."""
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class DatasetCatalog:
+    """The datasets the browser may open: folders and Hub ids given at start, by name.
+
+    A folder is listed under its own name, never its path; with ``allow_hub`` any Hub id
+    (``owner/name``) opens too, but never a path of the server (a Hub id that is also a
+    local path is refused).
+    """
+
+    def __init__(self, datasets: Sequence[str] = (), allow_hub: bool = False) -> None:
+        self.allow_hub = allow_hub
+        self.sources: dict[str, str] = {}
+        for source in datasets:
+            base = source if HUB_ID.match(source) and not os.path.exists(source) else os.path.basename(
+                os.path.normpath(os.path.expanduser(source)))
+            name, k = base, 2
+            while name in self.sources:
+                name, k = f"{base}-{k}", k + 1
+            self.sources[name] = os.path.expanduser(source)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.sources)
+
+    def resolve(self, name: str) -> str:
+        """The folder or Hub id behind ``name``; ``ValueError`` (naming only what is offered) otherwise."""
+        name = (name or "").strip()
+        if name in self.sources:
+            return self.sources[name]
+        if self.allow_hub and HUB_ID.match(name) and ".." not in name and not os.path.exists(name):
+            return name
+        offered = ", ".join(self.names) or "none"
+        hub = " or a Hub id (owner/name)" if self.allow_hub else ""
+        raise ValueError(f"this Space does not offer that dataset; choose one of: {offered}{hub}")
+
+
+def browse_dataset(catalog: DatasetCatalog, name: str, split: str, count: int):
+    """A dataset the catalog offers → overlays of its first samples, and how often each class occurs."""
     from datasets import load_dataset
 
-    if not (path or "").strip():
-        raise ValueError("enter a dataset folder (written by `diffuseg generate`) or a Hub dataset id")
-    path = os.path.expanduser(path.strip())
+    path = catalog.resolve(name)
+    split = (split or "").strip() or "train"
+    if not re.fullmatch(r"\w+", split):
+        raise ValueError(f"split names are letters, digits and underscores, got {split!r}")
     try:
-        dataset = load_dataset(path, split=split.strip() or "train")
-    except Exception as error:  # wrong path or split, no network, malformed files: say what failed to load
-        raise ValueError(f"could not load dataset {path!r}, split {split!r}: {type(error).__name__}: {error}") from None
+        dataset = load_dataset(path, split=split)
+    except Exception:  # the reason may name server files: it goes to the log only
+        logger.exception("could not load dataset %r split %r", name, split)
+        raise ValueError(f"could not open split {split!r} of dataset {name!r}") from None
     missing = {"image", "label", "classes"} - set(dataset.column_names)
     if missing:
-        raise ValueError(f"{path!r} is not a diffuseg dataset: it has no {sorted(missing)} column(s)")
+        raise ValueError(f"{name!r} is not a diffuseg dataset: it has no {sorted(missing)} column(s)")
     names = dataset.features["classes"].feature.names  # ["background", *classes]: ids equal label values
     images_per_class = np.bincount(
         np.concatenate([np.asarray(c, dtype=np.int64) for c in dataset["classes"]] or [np.zeros(0, np.int64)]),
@@ -374,7 +460,9 @@ def build_demo(
     *,
     size: int | None = None,
     steps: int | None = None,
-    dataset: str | None = None,
+    dataset: str | Sequence[str] | None = None,
+    models: Sequence[str] = (),
+    allow_hub_datasets: bool = False,
     cache: ModelCache | None = None,
 ) -> gr.Blocks:
     """The Space's ``gr.Blocks``.
@@ -384,20 +472,27 @@ def build_demo(
             Hub id (default: ``$DIFFUSEG_MODEL``, else the embedded model).
         size: default image side (default: the model's native size).
         steps: default number of denoising steps (default: the model's recipe).
-        dataset: dataset folder or Hub id pre-filled in the browser tab.
+        dataset: the dataset folder(s) or Hub id(s) the browser offers, the first pre-selected;
+            it opens no other.
+        models: further models the Model box offers (the start model and the embedded one
+            always are); it loads no other.
+        allow_hub_datasets: the browser also opens any Hub dataset id.
         cache: where models are loaded (default: a new :class:`ModelCache`); the model is
             loaded now, and a failure is shown on the page rather than raised.
 
     Launch it with ``css=CSS`` (as :func:`main` does) for enlarged small images.
     """
     model = model or os.environ.get("DIFFUSEG_MODEL") or DEFAULT_MODEL
+    allowed_models = list(dict.fromkeys([model, DEFAULT_MODEL, *models]))
+    catalog = DatasetCatalog([dataset] if isinstance(dataset, str) else list(dataset or ()), allow_hub_datasets)
     cache = cache or ModelCache()
     recipe = recipe_for(model)
     try:
         native, problem = cache.get(model).native_size, None
-    except Exception as error:  # the page still opens: another model can be chosen there
+    except Exception:  # the page still opens: another model can be chosen there
+        logger.exception("the start model %r could not be loaded", model)
         native = 512
-        problem = f"⚠️ The model `{model}` could not be loaded ({error}). Choose another in the Model box."
+        problem = "⚠️ The start model could not be loaded (see the server log). Choose another in the Model box."
     size = size or native
 
     def with_model(tab: Callable) -> Callable:
@@ -410,12 +505,16 @@ def build_demo(
 
         def handler(model_name: str, *args):
             *inputs, progress = args
+            if model_name not in allowed_models:
+                raise ValueError(f"this Space does not offer that model; choose one of: {', '.join(allowed_models)}")
+            check_request(names, inputs)
             progress(0, desc=f"loading {model_name}")
-            pipes = cache.get(model_name.strip())
+            pipes = cache.get(model_name)
             progress(0, desc="running")
             return tab(pipes, *inputs)
 
         parameters = list(inspect.signature(tab).parameters.values())[1:]
+        names = [parameter.name for parameter in parameters]
         handler.__signature__ = inspect.Signature([
             inspect.Parameter("model_name", inspect.Parameter.POSITIONAL_OR_KEYWORD),
             *parameters,
@@ -437,12 +536,11 @@ def build_demo(
             gr.Markdown(problem, elem_id="model-problem")
         with gr.Row():
             model_box = gr.Dropdown(
-                choices=list(dict.fromkeys([model, DEFAULT_MODEL, *KNOWN_CHECKPOINTS])), value=model,
-                allow_custom_value=True, label="Model", info="embedded model, a pipeline folder or a Hub id",
-                elem_id="model",
+                choices=allowed_models, value=model, allow_custom_value=False, label="Model",
+                info="the models this Space offers", elem_id="model",
             )
-            size_box = gr.Slider(32, 1024, value=size, step=8, label="Image size (px)", elem_id="size")
-            steps_box = gr.Slider(1, 100, value=steps or recipe.steps, step=1, label="Denoising steps")
+            size_box = gr.Slider(32, MAX_SIZE, value=size, step=8, label="Image size (px)", elem_id="size")
+            steps_box = gr.Slider(1, MAX_STEPS, value=steps or recipe.steps, step=1, label="Denoising steps")
             guidance_box = gr.Slider(1.0, 15.0, value=recipe.guidance, step=0.5, label="Guidance scale")
             seed_box = gr.Number(value=0, precision=0, label="Seed")
         sampling = [size_box, steps_box, guidance_box, seed_box]
@@ -541,8 +639,9 @@ def build_demo(
 
         with gr.Tab("Dataset browser"):
             with gr.Row():
-                db_path = gr.Textbox(dataset or "", label="Dataset folder or Hub id", scale=3, elem_id="dataset-path",
-                                     placeholder="shapes-synth  (written by `diffuseg generate`)  or  user/dataset")
+                db_path = gr.Dropdown(catalog.names, value=(catalog.names or [None])[0], label="Dataset", scale=3,
+                                      allow_custom_value=allow_hub_datasets, elem_id="dataset-path",
+                                      info="the datasets this Space offers" + (" or a Hub id" if allow_hub_datasets else ""))
                 db_split = gr.Textbox("train", label="Split", scale=1)
                 db_count = gr.Slider(1, MAX_BROWSER_SAMPLES, value=12, step=1, label="Samples shown", scale=1)
             db_run = gr.Button("Open", variant="primary", elem_id="dataset-run")
@@ -551,8 +650,13 @@ def build_demo(
                 db_gallery = gallery_box("Samples with their masks", "dataset-gallery", scale=3, object_fit="contain")
                 db_counts = gr.Dataframe(headers=["class", "images", "pixels (%)"], label="Class counts", scale=1,
                                          elem_id="dataset-counts")
+            def browse(name: str, split: str, count: int):
+                check_request(["name", "split", "count"], [name, split, count])
+                return browse_dataset(catalog, name, split, min(int(count), MAX_BROWSER_SAMPLES))
+
             db_run.click(
-                readable_errors(browse_dataset), [db_path, db_split, db_count], [db_gallery, db_counts, db_summary]
+                readable_errors(browse), [db_path, db_split, db_count], [db_gallery, db_counts, db_summary],
+                api_name="browse_dataset",
             )
     return demo
 
@@ -565,11 +669,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or $GRADIO_SERVER_PORT)")
     parser.add_argument("--size", type=int, help="default image side in pixels (default: the model's native size)")
     parser.add_argument("--steps", type=int, help="default number of denoising steps (default: the model's recipe)")
-    parser.add_argument("--dataset", help="dataset folder or Hub id pre-filled in the Dataset browser tab")
+    parser.add_argument("--dataset", action="append", default=os.environ.get("DIFFUSEG_DATASETS", "").split(),
+                        metavar="FOLDER_OR_ID", help="a dataset folder or Hub id the Dataset browser offers (repeat for "
+                        "several; also $DIFFUSEG_DATASETS, space-separated); it opens no other")
+    parser.add_argument("--allow-hub-datasets", action="store_true",
+                        help="the Dataset browser also opens any Hub dataset id a visitor types")
+    parser.add_argument("--models", nargs="+", default=os.environ.get("DIFFUSEG_MODELS", "").split(), metavar="MODEL",
+                        help="further models the Model box offers (pipeline folders or Hub ids; also $DIFFUSEG_MODELS, "
+                        "space-separated); it loads no other")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    demo = build_demo(args.model, size=args.size, steps=args.steps, dataset=args.dataset)
-    demo.queue().launch(server_name=args.host, server_port=args.port, show_error=False, css=CSS)
+    demo = build_demo(args.model, size=args.size, steps=args.steps, dataset=args.dataset, models=args.models,
+                      allow_hub_datasets=args.allow_hub_datasets)
+    demo.queue(max_size=MAX_QUEUE).launch(server_name=args.host, server_port=args.port, show_error=False, css=CSS,
+                                          max_file_size=MAX_UPLOAD)
 
 
 if __name__ == "__main__":

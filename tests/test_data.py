@@ -174,7 +174,8 @@ def test_two_writers_on_disjoint_blocks_equal_one(tmp_path):
     single = tmp_path / "single"
     write_all(single, range(10), skip={7})
     shared = tmp_path / "shared"
-    writers = [DatasetWriter(shared, CLASSES, fingerprint={"seed": 0}, samples_per_shard=4) for _ in range(2)]
+    # As in a distributed run: the main writer holds the folder lock, the other process's does not.
+    writers = [DatasetWriter(shared, CLASSES, fingerprint={"seed": 0}, samples_per_shard=4, lock=k == 0) for k in range(2)]
     for i in reversed(range(10)):  # any order, blocks dealt round-robin to the writers
         writer = writers[(i // 4) % 2]
         writer.skip(i, {"reason": "x"}) if i == 7 else writer.add(make_sample(i), index=i)

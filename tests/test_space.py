@@ -279,3 +279,61 @@ def test_space_metadata():
     assert str(meta["sdk_version"]).count(".") == 2
     requirements = [line.split("#")[0].strip() for line in (SPACE / "requirements.txt").read_text().splitlines()]
     assert any(line.startswith("diffuseg[space]") for line in requirements)
+
+
+# --------------------------------------------------------------------------- over HTTP, as an attacker would
+def test_server_files_stay_private_over_http(server, dataset_folder, workdir):
+    """Scripted requests to the running server: no path of the server opens, errors name none,
+    only the models it was started with load, and every input is bounded."""
+    from gradio_client import Client
+
+    client = Client(server, verbose=False)
+    # A real dataset on the server that the Space was not started with, and paths around it.
+    hidden = workdir / "hidden-set"
+    with DatasetWriter(hidden, class_names=list(DEFAULT_SHAPES), samples_per_shard=2) as writer:
+        writer.add(make_sample("train", 0, size=SIZE))
+    attempts = [str(hidden), "../../../../" + str(hidden).lstrip("/"), str(dataset_folder), "/root", "/etc",
+                "~/", "hidden-set", "../shapes-set"]
+    for name in attempts:
+        with pytest.raises(Exception) as refused:
+            client.predict(name, "train", 4, api_name="/browse_dataset")
+        message = str(refused.value)
+        # Gradio's own check refuses a value outside the list (echoing the request); the app's catalog refuses too.
+        assert "is not in the list of choices: ['shapes-set']" in message or "does not offer that dataset" in message
+        assert "No such file" not in message and "Error" not in message.split(":")[0]
+
+    gallery, _, summary = client.predict("shapes-set", "train", 4, api_name="/browse_dataset")
+    assert len(gallery) == DATASET_ROWS and f"{DATASET_ROWS}" in summary
+
+    with pytest.raises(Exception, match="split names are letters"):
+        client.predict("shapes-set", "../../train", 4, api_name="/browse_dataset")
+    for model in ("/etc", str(workdir), "stable-diffusion-v1-5/stable-diffusion-v1-5"):
+        with pytest.raises(Exception) as refused:
+            client.predict(model, "a red circle", "circle", SIZE, 2, 4.0, 0, "otsu", False, api_name="/diffumask_tab")
+        assert "not in the list of choices" in str(refused.value) or "does not offer that model" in str(refused.value)
+    model = str(workdir / "tiny-sd")
+    # Gradio bounds the sliders itself; the app checks again (and what Gradio does not: text length).
+    for size, steps, prompt, message in [(SIZE, 10**6, "a circle", "steps must be between 1 and 100|greater than maximum value 100"),
+                                         (10**5, 2, "a circle", "size must be between 32 and 1024|greater than maximum value 1024"),
+                                         (SIZE, 2, "a circle " * 500, "prompt is 4500 characters long; at most 1000")]:
+        with pytest.raises(Exception, match=message):
+            client.predict(model, prompt, "circle", size, steps, 4.0, 0, "otsu", False, api_name="/diffumask_tab")
+
+
+def test_dataset_catalog_opens_only_what_it_was_given(dataset_folder, workdir, monkeypatch):
+    """With Hub ids allowed, a typed value passes the page's list: the catalog alone stands between it and the disk."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("space_app", SPACE / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "space_app", app)  # its dataclasses look their module up there
+    spec.loader.exec_module(app)
+    monkeypatch.chdir(workdir)
+    catalog = app.DatasetCatalog([str(dataset_folder)], allow_hub=True)
+    assert catalog.names == ["shapes-set"] and catalog.resolve("shapes-set") == str(dataset_folder)
+    assert catalog.resolve("owner/some-set") == "owner/some-set"  # a Hub id
+    (workdir / "owner").mkdir(exist_ok=True)
+    (workdir / "owner" / "local").mkdir(exist_ok=True)
+    for name in [str(dataset_folder), "/etc/passwd", "../../etc", "~/x", "owner/local", "./owner/local", "owner/.."]:
+        with pytest.raises(ValueError, match="does not offer that dataset; choose one of: shapes-set or a Hub id"):
+            catalog.resolve(name)

@@ -8,6 +8,7 @@ Each command module defines ``add_parser(subparsers)`` (which registers its own
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from collections.abc import Sequence
@@ -21,6 +22,17 @@ COMMANDS: dict[str, str] = {
     "train": "train",
     "evaluate": "evaluate",
 }
+
+
+STORAGE_ERRORS = {
+    errno.EACCES: "cannot write there (permission denied)",
+    errno.EPERM: "cannot write there (not permitted)",
+    errno.EROFS: "cannot write there (read-only file system)",
+    errno.ENOSPC: "out of disk space",
+    errno.EDQUOT: "out of disk quota",
+    errno.EFBIG: "file size limit reached",
+}
+"""errno -> what it means for the user, for OS errors reported in one line."""
 
 
 def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -58,6 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input: one readable line, no traceback. Bugs still raise.
         print(f"diffuseg {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:
+        # Where the machine says no (permissions, a full disk): one line naming the file; other OS errors raise.
+        if error.errno not in STORAGE_ERRORS:
+            raise
+        where = f" ({error.filename})" if error.filename else ""
+        print(f"diffuseg {args.command}: error: {STORAGE_ERRORS[error.errno]}{where}: {error.strerror}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -28,11 +28,15 @@ run. ``finalize`` moves the staged shards to ``data/<split>-NNNNN-of-NNNNN.parqu
 
 Several processes may write the same split at once (``accelerate launch``), as long as
 each block is produced by one process: each writes its own shards, then one process calls
-:meth:`DatasetWriter.finalize` after the others have flushed.
+:meth:`DatasetWriter.finalize` after the others have flushed. Two *runs* may not: the
+main writer holds an OS lock on the folder (:class:`FolderLock`), so a second run is
+refused instead of writing the same blocks again, and :func:`check_dataset_folder` (run
+by ``diffuseg push``) refuses a folder whose shards disagree with their ledgers.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -63,6 +67,64 @@ _ROW_GROUP_SIZE = 64  # rows per Parquet row group: images are large, readers st
 
 class DatasetMismatchError(ValueError):
     """The folder already holds a different dataset (fingerprint or classes differ)."""
+
+
+class FolderLockedError(DatasetMismatchError):
+    """Another process is writing to the dataset folder."""
+
+
+class FolderLock:
+    """An exclusive lock on a dataset folder (``.diffuseg/lock``), held while a run writes it.
+
+    ``fcntl.flock`` belongs to the open file: the kernel drops it when the process ends,
+    however it ends, so a ``kill -9`` leaves no stale lock and a rerun resumes at once.
+    The file holds the owner's process id, for the refusal message only.
+
+    Raises:
+        FolderLockedError: another process holds the lock.
+    """
+
+    NAME = "lock"
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        import fcntl
+
+        state_dir = Path(folder) / STATE_DIR
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(state_dir / self.NAME, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            owner = self._file.read().strip() or "?"
+            self._file.close()
+            raise FolderLockedError(
+                f"{folder} is being written by another diffuseg run (process {owner}); wait for it to finish "
+                "(rerun then to resume), or choose another output folder"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"{os.getpid()}\n")
+        self._file.flush()
+
+    def release(self) -> None:
+        """Drop the lock (closing the file releases it); idempotent."""
+        self._file.close()
+
+    @staticmethod
+    def is_held(folder: str | os.PathLike) -> bool:
+        """Whether some process (this one included, through another writer) holds the folder's lock."""
+        import fcntl
+
+        path = Path(folder) / STATE_DIR / FolderLock.NAME
+        if not path.is_file():
+            return False
+        with open(path, encoding="utf-8") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+        return False
 
 
 def class_label_names(class_names: Sequence[str]) -> list[str]:
@@ -178,7 +240,14 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def _read_ledger(path: Path) -> dict:
-    metadata = pq.read_schema(path).metadata or {}
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (pa.ArrowException, OSError) as error:
+        # Shards are written atomically, so a broken one was damaged afterwards: its block can be redone.
+        raise DatasetMismatchError(
+            f"{path} is not a readable Parquet shard ({str(error).splitlines()[0]}); delete it and rerun: "
+            "its samples are generated again"
+        ) from None
     if _LEDGER_KEY not in metadata:
         raise DatasetMismatchError(f"{path} was not written by diffuseg (no sample ledger in its metadata)")
     return json.loads(metadata[_LEDGER_KEY])
@@ -209,10 +278,14 @@ class DatasetWriter:
         samples_per_shard: samples per shard block (rows per shard before filtering).
         extra_image_columns: names of further ``Image()`` columns (e.g. ``negative_image``);
             every sample must provide them.
+        lock: hold the folder's :class:`FolderLock` until :meth:`close` / :meth:`unlock`, so
+            that a second run into the same folder is refused. The processes of one
+            distributed run pass ``True`` in the main process only.
 
     Raises:
         DatasetMismatchError: the folder holds another dataset (different fingerprint,
             classes or shard size), or unrelated files.
+        FolderLockedError: another process is writing to the folder.
     """
 
     def __init__(
@@ -223,6 +296,7 @@ class DatasetWriter:
         fingerprint: Mapping[str, Any] | None = None,
         samples_per_shard: int = 256,
         extra_image_columns: Sequence[str] = (),
+        lock: bool = True,
     ) -> None:
         if not _SPLIT_NAME.match(split):
             raise ValueError(f"split names are letters, digits and underscores, got {split!r}")
@@ -242,16 +316,21 @@ class DatasetWriter:
         self.staging_dir = self.state_dir / "staging"
         self.data_dir = self.folder / "data"
         self._check_folder()
-        self._claim_split()
-        for directory in (self.data_dir, self.staging_dir):
-            directory.mkdir(parents=True, exist_ok=True)
-        self._completed = self._scan_completed()
+        self._lock = FolderLock(self.folder) if lock else None
+        try:
+            self._claim_split()
+            for directory in (self.data_dir, self.staging_dir):
+                directory.mkdir(parents=True, exist_ok=True)
+            self._completed = self._scan_completed()
+            self._extra_types: dict[str, str] | None = self._stored_extra_types()
+        except BaseException:
+            self.unlock()  # a refused folder is not kept locked by the half-made writer
+            raise
         self._next_index = max(self._completed, default=-1) + 1
         # block -> {sample index: row dict (encoded) or None when skipped}; skip records by index.
         self._blocks: dict[int, dict[int, dict | None]] = {}
         self._block_done_before: dict[int, int] = {}  # samples of the block already on disk
         self._skip_records: dict[int, dict] = {}
-        self._extra_types: dict[str, str] | None = self._stored_extra_types()
         self._closed = False
 
     # ----------------------------------------------------------------- folder state
@@ -302,8 +381,8 @@ class DatasetWriter:
         else:
             _atomic_write_json(split_path, state)
 
-    def _split_shards(self) -> list[Path]:
-        """This split's shard files, staged and published (complete files only)."""
+    def shard_files(self) -> list[Path]:
+        """This split's shard files, staged and published (complete files only; some may hold no rows)."""
         staged = [p for p in self.staging_dir.glob(f"{self.split}-b*.parquet") if _STAGED_NAME.match(p.name)]
         published = [
             p for p in self.data_dir.glob(f"{self.split}-*.parquet")
@@ -313,14 +392,14 @@ class DatasetWriter:
 
     def _scan_completed(self) -> set[int]:
         completed: set[int] = set()
-        for path in self._split_shards():
+        for path in self.shard_files():
             ledger = _read_ledger(path)
             completed.update(ledger["indices"])
             completed.update(int(i) for i in ledger["skipped"])
         return completed
 
     def _stored_extra_types(self) -> dict[str, str] | None:
-        for path in self._split_shards():
+        for path in self.shard_files():
             if pq.read_metadata(path).num_rows:
                 ledger = _read_ledger(path)
                 return dict(ledger["extra_columns"])
@@ -329,7 +408,7 @@ class DatasetWriter:
     def skip_records(self) -> dict[int, dict]:
         """``{index: record}`` of every skipped sample on disk (see :meth:`skip`)."""
         records: dict[int, dict] = {}
-        for path in self._split_shards():
+        for path in self.shard_files():
             records.update({int(i): r for i, r in _read_ledger(path)["skipped"].items()})
         return records
 
@@ -394,6 +473,13 @@ class DatasetWriter:
         if _png_size(image) != _png_size(label):
             raise ValueError(f"sample {index}: image is {_png_size(image)} but label is {_png_size(label)} (W, H)")
         num_classes = len(self.class_names)
+        counts = np.bincount(np.asarray(Image.open(io.BytesIO(label))).ravel(), minlength=256)  # faster than unique
+        foreign = [int(v) for v in np.flatnonzero(counts) if num_classes < v < IGNORE_INDEX]
+        if foreign:
+            raise ValueError(
+                f"sample {index}: label values {foreign[:8]} are not class ids of this dataset "
+                f"(0 background, 1..{num_classes} classes, {IGNORE_INDEX} ignore)"
+            )
         classes = [int(c) for c in sample["classes"]]
         bad = [c for c in classes if not 0 <= c <= num_classes]
         if bad:
@@ -445,7 +531,19 @@ class DatasetWriter:
         table = pa.Table.from_pylist(rows, schema=schema)
         path = self.staging_dir / f"{self.split}-b{block_id:06d}-i{indices[0]:09d}.parquet"
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        pq.write_table(table, tmp, row_group_size=_ROW_GROUP_SIZE)
+        try:
+            pq.write_table(table, tmp, row_group_size=_ROW_GROUP_SIZE)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            # Finished shards stay on disk: the rerun resumes from them once there is room.
+            raise OSError(
+                error.errno,
+                f"{os.strerror(error.errno)} while writing a shard of about {table.nbytes / 1e6:.1f} MB; the "
+                f"{len(self._completed)} samples already written are kept: free space and rerun to resume",
+                str(path),
+            ) from None
         os.replace(tmp, path)  # atomic: a reader sees no shard or a whole one
         self._completed.update(indices)
 
@@ -464,18 +562,25 @@ class DatasetWriter:
         interruption. Shards without rows (every sample skipped) stay staged: they only
         carry the resume ledger.
 
+        Readers never see a part of the data as the whole: ``load_dataset`` follows the card
+        (without one it reads whatever ``data/`` holds), so the card is first replaced by a
+        placeholder whose config matches no file, and the real card, description included,
+        is written last, in one atomic step, once every shard is in place. A run killed in
+        between leaves a folder that does not load and that ``diffuseg push`` refuses.
+
         Args:
             description: markdown saying how this split was made; kept and shown in the card.
         """
         if description is not None:
             _atomic_write_bytes(self.state_dir / f"{self.split}.md", description.encode())
         shards = []
-        for path in self._split_shards():
+        for path in self.shard_files():
             ledger = _read_ledger(path)
             if ledger["indices"]:
                 shards.append((ledger["block"], min(ledger["indices"]), path))
         shards.sort()
         total = len(shards)
+        _atomic_write_bytes(self.folder / "README.md", _publishing_card(self.split).encode())
         for position, (_, _, path) in enumerate(shards):
             target = self.data_dir / f"{self.split}-{position:05d}-of-{total:05d}.parquet"
             if path != target:
@@ -489,13 +594,24 @@ class DatasetWriter:
         write_metadata(self.folder)
 
     def close(self, description: str | None = None, finalize: bool = True) -> None:
-        """:meth:`flush`, then (unless ``finalize=False``, for non-main processes) :meth:`finalize`."""
+        """:meth:`flush`, then (unless ``finalize=False``) :meth:`finalize` and :meth:`unlock`.
+
+        With ``finalize=False`` (non-main processes, or a caller that publishes later) the
+        folder lock stays held until :meth:`unlock`.
+        """
         if self._closed:
             return
         self.flush()
         self._closed = True
         if finalize:
             self.finalize(description)
+            self.unlock()
+
+    def unlock(self) -> None:
+        """Release the folder lock (if this writer holds it): another run may write the folder now."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> DatasetWriter:
         return self
@@ -507,6 +623,7 @@ class DatasetWriter:
             # On error keep only complete blocks: an incomplete block written now would
             # split that block in two shards when the run resumes.
             self._closed = True
+            self.unlock()
 
 
 # --------------------------------------------------------------------- folder metadata
@@ -527,6 +644,18 @@ def read_id2label(folder: str | os.PathLike) -> dict[int, str]:
 
 
 _SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
+PUBLISHING_MARKER = "PUBLISHING-INTERRUPTED"
+"""In the placeholder card (and its file pattern) while :meth:`DatasetWriter.finalize` moves shards."""
+
+
+def _publishing_card(split: str) -> str:
+    """A card whose config matches no file: ``load_dataset`` fails instead of reading part of the data."""
+    return (
+        "---\nconfigs:\n- config_name: default\n  data_files:\n"
+        f"  - split: {split}\n    path: data/{PUBLISHING_MARKER}-rerun-diffuseg-generate-to-finish\n---\n\n"
+        f"# {PUBLISHING_MARKER}\n\ndiffuseg was publishing this dataset and stopped before every shard was in "
+        "place. Rerun the same `diffuseg generate` command (or `DatasetWriter.finalize`) to finish it.\n"
+    )
 
 
 def write_metadata(folder: str | os.PathLike) -> None:
@@ -701,8 +830,9 @@ def check_dataset_folder(folder: str | os.PathLike) -> dict[str, int]:
     card_path = folder / "README.md"
     if not card_path.is_file():
         problems.append("README.md (the dataset card) is missing")
+    elif PUBLISHING_MARKER in (text := card_path.read_text(encoding="utf-8")):
+        problems.append("publishing was interrupted (README.md is a placeholder): rerun the generate command to finish")
     else:
-        text = card_path.read_text(encoding="utf-8")
         parts = text.split("---\n", 2)
         meta = yaml.safe_load(parts[1]) if text.startswith("---\n") and len(parts) == 3 else None
         if not isinstance(meta, dict):
@@ -729,6 +859,53 @@ def check_dataset_folder(folder: str | os.PathLike) -> dict[str, int]:
             card_features = Features._from_yaml_list(info.get("features", []))
             if card_features != features:
                 problems.append(f"card dataset_info features {list(card_features)} differ from the shards' {list(features)}")
+    for split, paths in splits.items():
+        problems += _ledger_problems(folder, split, paths)
+    if FolderLock.is_held(folder):
+        problems.append("a diffuseg run is writing to it right now: wait for it to finish")
     if problems:
         raise ValueError(f"{folder} is not a valid dataset: " + "; ".join(problems))
     return rows
+
+
+def _ledger_problems(folder: Path, split: str, published: Sequence[Path]) -> list[str]:
+    """How the shards of ``split`` disagree with the writer's ledgers: blocks twice, blocks or samples missing.
+
+    Every block of samples is written once, as one shard (published, or staged when all of
+    its samples were skipped), so blocks ``0..B-1`` must each appear exactly once and every
+    block but the last must be full.
+    """
+    staged = sorted((folder / STATE_DIR / "staging").glob(f"{split}-b*.parquet"))
+    blocks: dict[int, list[str]] = {}
+    sizes: dict[int, int] = {}
+    problems = []
+    for path in [*published, *(p for p in staged if _STAGED_NAME.match(p.name))]:
+        try:
+            ledger = _read_ledger(path)
+            num_rows = pq.read_metadata(path).num_rows
+        except Exception as error:  # unreadable or foreign shards are reported, not raised
+            problems.append(f"{path.name}: no readable sample ledger ({error})")
+            continue
+        if num_rows != len(ledger["indices"]):
+            problems.append(f"{path.name} holds {num_rows} rows but its ledger lists {len(ledger['indices'])}")
+        blocks.setdefault(ledger["block"], []).append(path.name)
+        sizes[ledger["block"]] = len(ledger["indices"]) + len(ledger["skipped"])
+    twice = {block: names for block, names in blocks.items() if len(names) > 1}
+    if twice:
+        block, names = min(twice.items())
+        problems.append(
+            f"split {split!r}: {len(twice)} block(s) of samples were written more than once (e.g. block {block} in "
+            f"{names}; two runs wrote this folder at once?): generate it again into a new folder"
+        )
+    state_path = folder / STATE_DIR / f"{split}.json"
+    if blocks and state_path.is_file():
+        per_shard = json.loads(state_path.read_text()).get("samples_per_shard")
+        last = max(blocks)
+        missing = [b for b in range(last + 1) if b not in blocks]
+        short = [b for b in range(last) if b in sizes and per_shard and sizes[b] < per_shard]
+        if missing or short:
+            problems.append(
+                f"split {split!r}: samples are missing (blocks {sorted(missing + short)[:8]} of 0..{last} are absent "
+                "or incomplete): rerun the generate command to finish them"
+            )
+    return problems

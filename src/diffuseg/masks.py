@@ -109,6 +109,8 @@ def _otsu(values: torch.Tensor, window: tuple[float, float] | None) -> torch.Ten
 def thresholds(maps: torch.Tensor, method: str | float) -> torch.Tensor:
     """Per-map thresholds ``(...)`` of ``(..., H, W)`` maps: a float, "otsu" or "adaptive"."""
     if isinstance(method, (int, float)) and not isinstance(method, bool):
+        if not 0.0 <= method <= 1.0:  # maps are normalised to [0, 1]: any other cut empties or fills every mask
+            raise ValueError(f"a numeric threshold must be in [0, 1], got {method}")
         return torch.full(maps.shape[:-2], float(method))
     if method == "otsu":
         return otsu_threshold(maps)

@@ -6,6 +6,7 @@ weights only through safetensors, remote code never by default.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -38,10 +39,32 @@ def resolve_model(model: str | os.PathLike | None = None) -> str:
     if os.path.isdir(expanded):
         if not os.path.isfile(os.path.join(expanded, "model_index.json")):
             raise FileNotFoundError(f"{model!r} is a folder but has no model_index.json: not a diffusers pipeline folder")
+        check_components(Path(expanded))
         return expanded
     if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a Hub id is "name" or "owner/name"
         raise FileNotFoundError(f"model folder {model!r} does not exist")
     return model  # a Hub id: from_pretrained resolves it (from the cache when offline)
+
+
+def check_components(folder: Path) -> None:
+    """Raise ``FileNotFoundError`` naming what a local pipeline folder lacks: a component its
+    ``model_index.json`` lists, or the safetensors weights of a model component."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except ValueError as error:
+        raise ValueError(f"{folder / 'model_index.json'} is not valid JSON ({error})") from None
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue  # settings, and optional components left out (safety checker)
+        component = folder / name
+        if not component.is_dir():
+            raise FileNotFoundError(f"model folder {str(folder)!r} lacks its {name!r} component ({name}/ is missing)")
+        # Models (not schedulers or tokenizers) have a config.json and weights; diffuseg loads safetensors only.
+        if (component / "config.json").is_file() and not any(component.glob("*.safetensors")):
+            raise FileNotFoundError(
+                f"model folder {str(folder)!r}: {name}/ has no .safetensors weights "
+                "(diffuseg loads no pickled .bin weights; convert them to safetensors)"
+            )
 
 
 def load_pipeline(pipeline_class, model: str | os.PathLike | None = None, *, dtype=None, device=None, **kwargs):

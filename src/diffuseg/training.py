@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import time
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from diffuseg.data import BACKGROUND, IGNORE_INDEX
 from diffuseg.evaluation import evaluate_segmentation, format_report, metrics_report
+from diffuseg.outputs import check_writable, record_written
 from diffuseg.training_data import (
     MixtureSampler,
     SampleTransform,
@@ -70,6 +72,8 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 """Attention projections of transformers' SegFormer (and most ViT-style backbones)."""
 CHECKPOINTS = "checkpoints"
+TRACKER_RUN = "diffuseg-train"
+"""Run name of the trackers: their logs go to ``output_dir/diffuseg-train``."""
 
 
 @dataclass
@@ -167,7 +171,10 @@ def train(args: TrainingArguments) -> TrainingResult:
 
     args.validate()
     output_dir = Path(args.output_dir)
+    check_writable(output_dir, None, "--output-dir")  # a user's README.md there is never overwritten
     accelerator = Accelerator(log_with=args.report_to, project_dir=str(output_dir))
+    if accelerator.is_main_process:
+        record_written(output_dir, [CHECKPOINTS, "base", TRACKER_RUN])  # before a kill can leave them behind
     set_seed(args.seed)
 
     # Datasets, and one label space shared by all of them (matched by class name).
@@ -230,16 +237,16 @@ def train(args: TrainingArguments) -> TrainingResult:
     # Stepped once per optimizer step by hand (a prepared scheduler steps once per process).
     scheduler = get_scheduler(args.lr_scheduler, optimizer, args.warmup_steps, args.max_steps)
     model, optimizer, train_loader, *eval_loaders = accelerator.prepare(model, optimizer, train_loader, *eval_loaders)
-    accelerator.register_for_checkpointing(scheduler)
+    # The scheduler is not registered with accelerate: its custom states are pickles loaded with
+    # weights_only=False, i.e. code a checkpoint could carry. save_checkpoint keeps it as JSON.
     steps_per_epoch = len(train_loader)
     if args.report_to:
-        accelerator.init_trackers("diffuseg-train", config=_tracker_config(args))
+        accelerator.init_trackers(TRACKER_RUN, config=_tracker_config(args))
 
     step = 0
     checkpoint = find_checkpoint(output_dir, args.resume)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+        step = load_checkpoint(accelerator, checkpoint, scheduler)
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     elif args.resume:
         accelerator.print(f"no checkpoint under {output_dir / CHECKPOINTS} yet: starting from step 0")
@@ -283,7 +290,7 @@ def train(args: TrainingArguments) -> TrainingResult:
                     for name, report in evaluate_all().items():
                         accelerator.print(f"step {step} {name}: mIoU {100 * (report['mean_iou'] or 0):.2f}")
                 if checkpoint_now:
-                    save_checkpoint(accelerator, output_dir, step, args.keep_checkpoints)
+                    save_checkpoint(accelerator, output_dir, step, args.keep_checkpoints, scheduler)
                 started = time.perf_counter()
             if step >= args.max_steps:
                 break
@@ -293,9 +300,11 @@ def train(args: TrainingArguments) -> TrainingResult:
     eval_results = evaluate_all()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        before = set(os.listdir(output_dir)) if output_dir.is_dir() else set()
         save_model(accelerator.unwrap_model(model), processor, label_space, output_dir)
         (output_dir / "eval_results.json").write_text(json.dumps(eval_results, indent=2) + "\n")
         write_model_card(output_dir, args, label_space, train_sources, real, eval_results, pretrained, accelerator.num_processes)
+        record_written(output_dir, set(os.listdir(output_dir)) - before)
         for name, report in eval_results.items():
             print(f"\n{name} (step {step})\n{format_report(report, args.unseen_classes or ())}")
     accelerator.end_training()
@@ -435,17 +444,50 @@ def find_checkpoint(output_dir: Path, resume: str | None) -> Path | None:
     return folder
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int | None) -> Path:
-    """Model, optimizer, scheduler and RNG states at ``step``; the oldest beyond ``keep`` are deleted."""
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int | None, scheduler) -> Path:
+    """Model, optimizer, scheduler and RNG states at ``step``; the oldest beyond ``keep`` are deleted.
+
+    The model is safetensors, the optimizer and RNG states plain tensors (read back with
+    ``weights_only=True``), the step and the scheduler's state JSON: nothing in a checkpoint
+    runs code when it is loaded.
+    """
     folder = output_dir / CHECKPOINTS / f"step-{step:08d}"
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
         # Written last: a folder without it is an interrupted save and is never resumed from.
-        (folder / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
+        state = {"step": step, "scheduler": scheduler.state_dict()}
+        (folder / "trainer_state.json").write_text(json.dumps(state) + "\n")
         for old in checkpoint_folders(output_dir)[:-keep] if keep else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return folder
+
+
+def load_checkpoint(accelerator, folder: Path, scheduler) -> int:
+    """Restore the states :func:`save_checkpoint` wrote; return the step.
+
+    Raises:
+        ValueError: the checkpoint holds a file that is not plain tensor data (a pickle
+            that would run code is refused by ``weights_only=True``, never executed), or was
+            written by a diffuseg that kept the scheduler as a pickle.
+    """
+    import pickle
+
+    state = json.loads((folder / "trainer_state.json").read_text())
+    if "scheduler" not in state:
+        raise ValueError(f"checkpoint {folder} has no scheduler state in trainer_state.json (an older diffuseg kept it "
+                         "as a pickle, which is not loaded): start a new run in a new --output-dir")
+    planted = sorted(p.name for p in folder.glob("custom_checkpoint_*.pkl"))
+    if planted:
+        raise ValueError(f"checkpoint {folder} holds {', '.join(planted)}: pickles, which diffuseg never loads (they can "
+                         "run code); resume from a checkpoint diffuseg wrote, or delete them if you trust the rest")
+    try:
+        accelerator.load_state(str(folder))
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"checkpoint {folder} holds a file that is not plain tensor data, refused unread "
+                         f"({str(error).splitlines()[0]}); resume from a checkpoint you trust") from None
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])
 
 
 def save_model(model, processor, label_space: Mapping[int, str], output_dir: Path) -> None:

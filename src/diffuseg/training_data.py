@@ -96,13 +96,43 @@ def load_source(
         raise ValueError(f"split {split!r} of dataset {name!r} is empty")
     if (image_column, label_column) != ("image", "label"):
         dataset = dataset.rename_columns({image_column: "image", label_column: "label"})
-    return SegmentationSource(
+    source = SegmentationSource(
         name=name,
         split=split,
         dataset=dataset,
         id2label=source_id2label(name, dataset, Path(expanded) if local else None),
         synthetic=is_generated(dataset),
     )
+    # Before any model is loaded: a dataset whose labels do not fit its images or its classes is refused now.
+    for index, row in enumerate(dataset.select_columns(["image", "label"]).select(range(min(CHECKED_ROWS, len(dataset))))):
+        check_label_pair(row["image"].size, np.asarray(row["label"]), source.id2label, f"dataset {name!r} row {index}")
+    return source
+
+
+CHECKED_ROWS = 16
+"""Rows of each dataset checked when it is opened (every row is checked again when it is read)."""
+
+
+def check_label_pair(image_size: tuple[int, int], label: np.ndarray, id2label: Mapping[int, str], where: str) -> None:
+    """Raise ``ValueError`` when a label map is not the size of its image or holds ids its dataset does not name.
+
+    Args:
+        image_size: ``(width, height)`` of the image.
+        label: the label map, ``(height, width)``.
+        id2label: the dataset's class ids; ``IGNORE_INDEX`` is always allowed.
+        where: which row, for the message.
+    """
+    if tuple(label.shape[:2]) != (image_size[1], image_size[0]):
+        raise ValueError(
+            f"{where}: the image is {image_size[0]}x{image_size[1]} px but its label map is "
+            f"{label.shape[1] if label.ndim > 1 else '?'}x{label.shape[0]}; labels must cover their image pixel for pixel"
+        )
+    unknown = np.setdiff1d(np.unique(label), [*id2label, IGNORE_INDEX])
+    if unknown.size:
+        raise ValueError(
+            f"{where}: label values {unknown[:8].tolist()} are not class ids of the dataset (its id2label names "
+            f"{sorted(id2label)[:8]}{' ...' if len(id2label) > 8 else ''}; {IGNORE_INDEX} = ignore)"
+        )
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -193,7 +223,8 @@ def label_lookup(
 ) -> np.ndarray:
     """Table ``new_id = table[old_id]`` from the source's label ids to ``label_space`` by name.
 
-    Pixel values the source does not name, and classes in ``ignored``, map to the ignore index.
+    Classes in ``ignored`` map to the ignore index (pixel values the source does not name are
+    refused when read, see :func:`check_label_pair`).
 
     Raises:
         ValueError: the source has classes that ``label_space`` lacks.
@@ -347,6 +378,12 @@ class SegmentationSamples(Dataset):
         self.num_labels = num_labels
         self.background_id = -1 if background_id is None else background_id
         self.lookups = list(lookups)  # NumPy tables: torch's indexing is ~50x slower on one small map
+        self.sources = list(sources)
+        self.known = []  # per source: which of the 256 pixel values are its class ids (or ignore)
+        for source in self.sources:
+            known = np.zeros(256, dtype=bool)
+            known[[*source.id2label, IGNORE_INDEX]] = True
+            self.known.append(known)
         self.datasets = []
         self.negatives = []
         for source in sources:
@@ -381,8 +418,11 @@ class SegmentationSamples(Dataset):
         raw_label = np.asarray(row["label"])
         if raw_label.dtype != np.uint8 or raw_label.ndim != 2:
             raise ValueError(f"label images must be 8-bit single-channel (PNG mode L), got mode {row['label'].mode}")
-        label = lookup[raw_label]
         image = image_tensor(row["image"])
+        if tuple(image.shape[-2:]) != raw_label.shape or not self.known[which][raw_label].all():
+            source = self.sources[which]
+            check_label_pair((image.shape[-1], image.shape[-2]), raw_label, source.id2label, f"dataset {source.name!r}")
+        label = lookup[raw_label]
         negative = image_tensor(row[NEGATIVE_COLUMN]) if self.negatives[which] else None
         item = {}
         if negative is not None:

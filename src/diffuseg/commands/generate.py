@@ -16,7 +16,8 @@ in the Hugging Face Hub layout (data/train-*.parquet, id2label.json, README.md c
 `datasets.load_dataset(FOLDER)` and `diffuseg push`.
 
 Resumable: interrupt it at any moment (even kill -9) and rerun the same command to continue; the
-result equals an uninterrupted run. A folder that holds a different dataset is refused.
+result equals an uninterrupted run. A folder that holds a different dataset is refused, and so
+is a folder another run is writing at the moment (an OS lock, gone when that run ends).
 Distributed: `accelerate launch -m diffuseg generate ...` splits the shards between processes."""
 
 EPILOG = """\

@@ -15,10 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffuseg.data import STATE_DIR
-
-IGNORE_PATTERNS = (f"{STATE_DIR}/**", ".cache/**", ".git/**")
-"""Never uploaded: the writer's state (fingerprints, staged shards) and upload/git caches."""
+from diffuseg.data import STATE_DIR, split_files
 
 
 @dataclass
@@ -30,6 +27,8 @@ class UploadPlan:
     private: bool
     files: list[tuple[str, int]]
     rows: dict[str, int]
+    left_out: list[str]
+    """Entries of the folder that are not part of the dataset layout, hence not uploaded."""
 
     @property
     def total_bytes(self) -> int:
@@ -42,14 +41,23 @@ class UploadPlan:
             f"{len(self.files)} files, {self.total_bytes / 1e6:.1f} MB:",
             *[f"  {path}  ({size} bytes)" for path, size in self.files],
         ]
+        if self.left_out:
+            shown = ", ".join(self.left_out[:10]) + (", ..." if len(self.left_out) > 10 else "")
+            lines.append(f"not uploaded (not part of the dataset layout): {shown}")
         return "\n".join(lines)
 
 
 def plan_upload(folder: str | os.PathLike, repo_id: str, private: bool = False) -> UploadPlan:
     """Check ``folder`` and list what would be uploaded (no network).
 
+    Only what the dataset layout defines goes up: ``README.md``, ``id2label.json`` and the
+    ``data/<split>-NNNNN-of-NNNNN.parquet`` shards, each a regular file inside the folder.
+    Anything else (a ``.env``, notes) stays and is named in the plan; the writer's ``.diffuseg/``
+    state stays too.
+
     Raises:
-        ValueError: the folder is not a complete, valid dataset, or ``repo_id`` is malformed.
+        ValueError: the folder is not a complete, valid dataset, one of its dataset files is a
+            symbolic link, or ``repo_id`` is malformed.
         FileNotFoundError: the folder does not exist.
     """
     from diffuseg.data import check_dataset_folder
@@ -58,12 +66,20 @@ def plan_upload(folder: str | os.PathLike, repo_id: str, private: bool = False) 
         raise ValueError(f"--repo must look like 'name' or 'owner/name', got {repo_id!r}")
     folder = Path(folder)
     rows = check_dataset_folder(folder)
-    files = sorted(
-        (str(p.relative_to(folder)), p.stat().st_size)
-        for p in folder.rglob("*")
-        if p.is_file() and p.relative_to(folder).parts[0] not in (STATE_DIR, ".cache", ".git")
+    names = ["README.md", "id2label.json", *(str(p.relative_to(folder)) for ps in split_files(folder).values() for p in ps)]
+    links = [name for name in ["data", *names] if (folder / name).is_symlink()]
+    if links:
+        # A link may point anywhere on this machine (keys, /etc/shadow): never follow one out of the folder.
+        raise ValueError(f"{folder} holds symbolic links where dataset files belong ({', '.join(links)}); "
+                         "replace them with the files themselves")
+    files = sorted((name, (folder / name).stat().st_size) for name in names)
+    wanted = set(names) | {"data", STATE_DIR, ".cache", ".git"}  # the last three: writer, upload and git state
+    left_out = sorted(
+        str(p.relative_to(folder)) + ("/" if p.is_dir() and not p.is_symlink() else "")
+        for p in [*folder.iterdir(), *((folder / "data").iterdir())]
+        if str(p.relative_to(folder)) not in wanted
     )
-    return UploadPlan(folder, repo_id, private, files, rows)
+    return UploadPlan(folder, repo_id, private, files, rows, left_out)
 
 
 def push_dataset(plan: UploadPlan, revision: str | None = None) -> str:
@@ -82,7 +98,7 @@ def push_dataset(plan: UploadPlan, revision: str | None = None) -> str:
     if huggingface_hub.get_token() is None:
         raise ValueError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN, then rerun")
     api = HfApi()
-    ignore = list(IGNORE_PATTERNS)
+    allow = [path for path, _ in plan.files]  # exactly the planned files, matched literally
     if hasattr(api, "upload_large_folder"):
         api.upload_large_folder(
             repo_id=plan.repo_id,
@@ -90,7 +106,7 @@ def push_dataset(plan: UploadPlan, revision: str | None = None) -> str:
             repo_type="dataset",
             revision=revision,
             private=plan.private,
-            ignore_patterns=ignore,
+            allow_patterns=allow,
         )
     else:  # huggingface_hub >= 2 merged the large-folder upload into upload_folder
         api.create_repo(plan.repo_id, repo_type="dataset", private=plan.private, exist_ok=True)
@@ -99,7 +115,7 @@ def push_dataset(plan: UploadPlan, revision: str | None = None) -> str:
             folder_path=plan.folder,
             repo_type="dataset",
             revision=revision,
-            ignore_patterns=ignore,
+            allow_patterns=allow,
             commit_message="Upload dataset with diffuseg",
         )
     return f"https://huggingface.co/datasets/{plan.repo_id}"
@@ -112,7 +128,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description=(
             "Check a dataset folder written by `diffuseg generate` and upload it to a Hub dataset repo with "
             "huggingface_hub's resumable large-folder upload; rerun the same command to resume. The token comes "
-            "from HF_TOKEN or `hf auth login` and is never printed. The writer's state (.diffuseg/) is not uploaded."
+            "from HF_TOKEN or `hf auth login` and is never printed. Only the dataset's own files go up (README.md, "
+            "id2label.json, data/ shards; never a symbolic link); --dry-run lists them and what stays."
         ),
     )
     parser.add_argument("folder", metavar="FOLDER", help="the dataset folder")

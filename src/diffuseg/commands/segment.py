@@ -13,6 +13,11 @@ import os
 from pathlib import Path
 
 from diffuseg.commands import comma_separated_ints
+from diffuseg.outputs import check_writable, record_written
+
+LABELS_FILE = "labels.json"
+MAX_SIDE_WINDOWS = 8
+"""Default --max-side in window sides: a 6000-px photo is not cut into thousands of windows."""
 
 DESCRIPTION = """\
 Segment images into the named classes with a frozen text-to-image diffusion model, without any
@@ -22,7 +27,8 @@ goes to the class whose attention-weighted prototype feature it is most similar 
 Writes, per image, OUT/<name>.png (labels: pixel value k is the k-th class of --classes,
 counting from 0; the number of classes is background when --background or
 --background-threshold is given) and OUT/<name>_overlay.png (colours and a legend), and
-OUT/labels.json mapping ids to names. Without --classes, --clusters segments into k-means
+OUT/labels.json mapping ids to names; it refuses to replace a file of those names that it did not
+write itself (a manifest, OUT/.diffuseg-files.json, lists its own). Without --classes, --clusters segments into k-means
 clusters instead (unsupervised)."""
 
 EPILOG = """\
@@ -79,7 +85,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--window-overlap", type=float, default=0.25, metavar="F",
                         help="overlap of neighbouring windows, 0..1 (default: 0.25)")
     parser.add_argument("--max-side", type=int, metavar="PX",
-                        help="downscale images whose longer side exceeds PX before segmenting (outputs keep the input size)")
+                        help="downscale images whose longer side exceeds PX before segmenting (outputs keep the input "
+                        f"size); 0: never (default: {MAX_SIDE_WINDOWS} window sides, at most ~100 windows per image)")
     parser.add_argument("--batch-size", type=int, default=4, metavar="N",
                         help="images per model call (the prompt is encoded once per call) (default: 4)")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the overlay colours (default: 0.5)")
@@ -154,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--prompt, --background and --background-threshold need --classes")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_side is not None and args.max_side < 0:
+        raise ValueError(f"--max-side must be 0 (no limit) or a number of pixels, got {args.max_side}")
 
     from diffuseg.pipelines.maskdiffusion import MaskDiffusionSegPipeline
     from diffuseg.tokens import find_word_spans
@@ -167,8 +176,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--prompt must name every class (and the --background word); it lacks {', '.join(missing)}")
     paths = check_images(args.images)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {args.out} exists and is not a folder")
+    stems = output_stems(paths)
+    written = [LABELS_FILE, *(name for stem in stems for name in (f"{stem}.png", f"{stem}_overlay.png"))]
+    check_writable(out, written, "--out")  # files of the user's in the way: refused before the model loads
 
     import numpy as np
     import PIL.Image
@@ -181,11 +191,12 @@ def run(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(MaskDiffusionSegPipeline, args.model, device=device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(desc="windows", unit="window", leave=False)
+    max_side = MAX_SIDE_WINDOWS * pipe.check_window(args.window_size) if args.max_side is None else args.max_side
     options = dict(
         window_size=args.window_size,
         window_overlap=args.window_overlap,
-        max_side=args.max_side,
+        max_side=max_side or None,
         num_noise_draws=args.noise_draws,
         output_type="np",
     )
@@ -198,9 +209,8 @@ def run(args: argparse.Namespace) -> int:
                        background_threshold=args.background_threshold)
     background = None if unsupervised or not (args.background or args.background_threshold is not None) else len(classes)
 
-    out.mkdir(parents=True, exist_ok=True)
+    record_written(out, written)  # before writing: a kill midway leaves only names the manifest owns
     names: list[str] = [] if unsupervised else [*classes, *(["background"] if background is not None else [])]
-    stems = output_stems(paths)
     with tqdm(total=len(paths), desc="segmenting", unit="image") as bar:
         # Several images per call: the prompt is encoded once per call, not once per image.
         for start in range(0, len(paths), args.batch_size):
@@ -216,7 +226,8 @@ def run(args: argparse.Namespace) -> int:
                 rgb = (image_to_tensor(image).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
                 overlay(rgb, labels, names, alpha=args.alpha, background_id=background).save(out / f"{stem}_overlay.png")
             bar.update(len(images))
-    with open(out / "labels.json", "w", encoding="utf-8") as f:
+    with open(out / LABELS_FILE, "w", encoding="utf-8") as f:
         json.dump({str(i): name for i, name in enumerate(names)}, f, indent=2)
-    print(f"wrote {len(paths)} label maps and overlays to {os.fspath(out)}")
+    print(f"wrote {len(paths)} label maps and overlays to {os.fspath(out)} (<name>.png, <name>_overlay.png, "
+          f"{LABELS_FILE}; other files there are left alone)")
     return 0

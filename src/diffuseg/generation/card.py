@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from diffuseg.data import DatasetWriter, split_files
+from diffuseg.data import DatasetWriter
 
 if TYPE_CHECKING:
     from diffuseg.generation.config import GenerationConfig
@@ -21,7 +21,9 @@ def collect_stats(writer: DatasetWriter) -> dict[str, Any]:
 
     per_class = {name: 0 for name in writer.class_names}
     rows = mosaics = 0
-    for path in split_files(writer.folder).get(writer.split, []):
+    for path in writer.shard_files():  # staged or published: the stats may be taken before publishing
+        if not pq.read_metadata(path).num_rows:
+            continue
         columns = ["classes", "mosaic"] if "mosaic" in pq.read_schema(path).names else ["classes"]
         table = pq.read_table(path, columns=columns).to_pydict()
         for classes, is_mosaic in zip(table["classes"], table.get("mosaic") or [0] * len(table["classes"])):

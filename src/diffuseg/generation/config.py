@@ -16,6 +16,10 @@ from diffuseg.generation.prompts import DEFAULT_TEMPLATES, check_templates
 from diffuseg.generation.registry import get_pipeline
 
 
+MAX_SHARDS = 99_999
+"""Shard names are ``train-NNNNN-of-NNNNN.parquet``: five digits."""
+
+
 @dataclass
 class GenerationConfig:
     """Everything ``diffuseg generate`` needs; the fields marked below define the dataset.
@@ -89,9 +93,10 @@ class GenerationConfig:
         positive = {"images_per_class": self.images_per_class, "batch_size": self.batch_size,
                     "samples_per_shard": self.samples_per_shard, "num_inference_steps": self.num_inference_steps,
                     "prompt_max_new_tokens": self.prompt_max_new_tokens}
+        flags = {"num_inference_steps": "--steps"}  # fields whose flag has another name
         for name, value in positive.items():
             if int(value) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+                raise ValueError(f"{flags.get(name, '--' + name.replace('_', '-'))} must be a positive integer, got {value}")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value is not None and (value < 8 or value % 8):
@@ -114,6 +119,19 @@ class GenerationConfig:
             raise ValueError("--two-class-fraction needs at least two classes")
         if isinstance(self.threshold, str) and self.threshold not in ("otsu", "adaptive"):
             raise ValueError(f"--threshold must be 'otsu', 'adaptive' or a number, got {self.threshold!r}")
+        if not isinstance(self.threshold, str) and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"--threshold must be otsu, adaptive or a number in [0, 1], got {self.threshold}")
+        if not self.guidance_scale >= 0.0:  # also refuses NaN
+            raise ValueError(f"--guidance-scale must be 0 or more (1 or less: no guidance), got {self.guidance_scale}")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be 0 or more, got {self.seed}")
+        shards = -(-self.num_samples // self.samples_per_shard)
+        if shards > MAX_SHARDS:
+            raise ValueError(
+                f"--images-per-class {self.images_per_class} x {len(self.classes.classes)} classes = "
+                f"{self.num_samples:,} samples, {shards:,} shards of {self.samples_per_shard}; the Hub layout names "
+                f"at most {MAX_SHARDS:,} shards (NNNNN-of-NNNNN): generate fewer or raise --samples-per-shard"
+            )
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
         if self.templates is not None:

@@ -85,46 +85,52 @@ def generate_dataset(config: GenerationConfig, pipe=None, progress: bool = True)
             fingerprint=config.fingerprint(),
             samples_per_shard=plan.S + plan.M,
             extra_image_columns=spec.extra_image_columns,
+            lock=state.is_main_process,  # one run per folder; its other processes write their own blocks
         )
     state.wait_for_everyone()  # every process has read the same finished blocks before anyone writes
-    done = writer.completed_indices
-    todo = [b for b in range(plan.num_blocks) if not plan.block_slots(b) <= done]
-    mine = todo[state.process_index :: state.num_processes]
-    summary = GenerationSummary(folder=str(config.out), skipped_blocks=plan.num_blocks - len(todo))
+    try:
+        done = writer.completed_indices
+        # Only blocks with a finished slot can be done: the plan is never walked block by block up front.
+        finished = {b for b in {slot // (plan.S + plan.M) for slot in done} if plan.block_slots(b) <= done}
+        todo = [b for b in range(plan.num_blocks) if b not in finished]
+        mine = todo[state.process_index :: state.num_processes]
+        summary = GenerationSummary(folder=str(config.out), skipped_blocks=len(finished))
 
-    if mine:
-        dtype = _resolve_dtype(config.dtype, state.device)
-        if pipe is None:
-            pipe = spec.load(config, state.device, dtype)
-        tokenizer = getattr(pipe, "tokenizer", None)
-        if config.prompt_model:
-            prompter = DescriptionPrompter(
-                config.prompt_model, config.classes, config.templates, config.prompt_max_new_tokens, state.device
+        if mine:
+            dtype = _resolve_dtype(config.dtype, state.device)
+            if pipe is None:
+                pipe = spec.load(config, state.device, dtype)
+            tokenizer = getattr(pipe, "tokenizer", None)
+            if config.prompt_model:
+                prompter = DescriptionPrompter(
+                    config.prompt_model, config.classes, config.templates, config.prompt_max_new_tokens, state.device
+                )
+            else:
+                prompter = TemplatePrompter(config.classes, config.templates)
+            agreement = (
+                SegmentationAgreement(config.agreement_model, config.classes.names, state.device)
+                if config.agreement_model
+                else None
             )
-        else:
-            prompter = TemplatePrompter(config.classes, config.templates)
-        agreement = (
-            SegmentationAgreement(config.agreement_model, config.classes.names, state.device)
-            if config.agreement_model
-            else None
-        )
-        total = sum(len(plan.block_indices(b)) for b in mine)
-        with tqdm(total=total, unit="img", desc="generate", disable=not (progress and state.is_main_process)) as bar:
-            for block in mine:
-                rows = _make_block(block, plan, spec, pipe, prompter, tokenizer, agreement, summary, bar)
-                for slot, row, record in rows:
-                    if slot in done:
-                        continue
-                    if row is None:
-                        writer.skip(slot, record)
-                    else:
-                        writer.add(row, index=slot)
-    writer.close(finalize=False)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        writer.finalize()  # publish the shards, then describe what was published
-        writer.finalize(describe(config, collect_stats(writer)))
-        summary.total_rows = sum(pq.read_metadata(p).num_rows for p in split_files(config.out).get("train", []))
+            total = sum(len(plan.block_indices(b)) for b in mine)
+            with tqdm(total=total, unit="img", desc="generate", disable=not (progress and state.is_main_process)) as bar:
+                for block in mine:
+                    rows = _make_block(block, plan, spec, pipe, prompter, tokenizer, agreement, summary, bar)
+                    for slot, row, record in rows:
+                        if slot in done:
+                            continue
+                        if row is None:
+                            writer.skip(slot, record)
+                        else:
+                            writer.add(row, index=slot)
+        writer.close(finalize=False)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            # One publication, description included: the card readers follow appears complete or not at all.
+            writer.finalize(describe(config, collect_stats(writer)))
+            summary.total_rows = sum(pq.read_metadata(p).num_rows for p in split_files(config.out).get("train", []))
+    finally:
+        writer.unlock()  # also on errors: the folder is free again in this process
     state.wait_for_everyone()
     if state.is_main_process and summary.total_rows == 0:
         raise ValueError(

@@ -35,6 +35,7 @@ from diffuseg.masks import (
     thresholds,
     upsample,
 )
+from diffuseg.pipelines.checks import check_sampling_inputs, default_size
 from diffuseg.pipelines.diffumask import (
     MAX_SELF_ATTENTION_TOKENS,
     DiffuMaskPipeline,
@@ -291,8 +292,8 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         words = DiffuMaskPipeline.check_class_names(prompts, class_names)
         phrases = one_list_per_prompt(remove_phrases or [], len(prompts), "phrases to remove")
         removed = [[*w, *p] for w, p in zip(words, phrases)]  # what the counterfactual prompts replace
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        height, width = default_size(self, height, width)
+        check_sampling_inputs(self, height, width, num_inference_steps, guidance_scale, resolutions)
         self.check_counterfactual_inputs(
             height,
             width,

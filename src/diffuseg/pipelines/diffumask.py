@@ -22,6 +22,7 @@ from diffusers.utils import BaseOutput
 
 from diffuseg.attention import AttentionStore, capture, step_window
 from diffuseg.masks import aggregate_resolutions, label_map, thresholds
+from diffuseg.pipelines.checks import check_sampling_inputs, default_size
 
 # Self-attention is recorded at the finest level with at most this many positions:
 # explicit self-attention costs O(positions²) memory and time.
@@ -119,10 +120,8 @@ class DiffuMaskPipeline(StableDiffusionPipeline):
             raise ValueError("`prompt` is required")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         words = self.check_class_names(prompts, class_names)
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        if height % 8 or width % 8:
-            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        height, width = default_size(self, height, width)
+        check_sampling_inputs(self, height, width, num_inference_steps, guidance_scale, resolutions)
         if not 0.0 <= attention_steps[0] < attention_steps[1] <= 1.0:
             raise ValueError(f"attention_steps must satisfy 0 <= start < end <= 1, got {attention_steps}")
         thresholds(torch.zeros(1, 1, 1), threshold)  # fail now, not after the generation, on a bad method

@@ -55,6 +55,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from diffuseg.attention import capture
 from diffuseg.masks import IGNORE_INDEX, label_map as assemble_label_map, thresholds
+from diffuseg.pipelines.checks import check_sampling_inputs, default_size
 from diffuseg.pipelines.diffumask import DiffuMaskPipeline, self_attention_height
 from diffuseg.tokens import word_token_positions
 
@@ -252,9 +253,9 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
             base_words = DiffuMaskPipeline.check_class_names(base_prompts, base_classes)
             base_ids = [[class_id(names, word) for word in words] for words in base_words]
             batch = len(base_prompts)
-            size = (height or self.unet.config.sample_size * self.vae_scale_factor,
-                    width or self.unet.config.sample_size * self.vae_scale_factor)
+            size = default_size(self, height, width)
         check_image_size(size)
+        check_sampling_inputs(self, *size, num_inference_steps, guidance_scale, resolutions)
         per_image = parse_objects(objects, batch, names, size, self.tokenizer)
         check_generators(generator, batch)
         feather = self.vae_scale_factor if feather is None else int(feather)
