@@ -17,6 +17,10 @@ from pathlib import Path
 
 from diffuseg.data import STATE_DIR
 
+HELP = "upload a dataset folder to the Hugging Face Hub (resumable)"
+"""The command's line in ``diffuseg --help``."""
+
+
 IGNORE_PATTERNS = (f"{STATE_DIR}/**", ".cache/**", ".git/**")
 """Never uploaded: the writer's state (fingerprints, staged shards) and upload/git caches."""
 
@@ -108,7 +112,7 @@ def push_dataset(plan: UploadPlan, revision: str | None = None) -> str:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "push",
-        help="upload a dataset folder to the Hugging Face Hub (resumable)",
+        help=HELP,
         description=(
             "Check a dataset folder written by `diffuseg generate` and upload it to a Hub dataset repo with "
             "huggingface_hub's resumable large-folder upload; rerun the same command to resume. The token comes "

@@ -158,32 +158,17 @@ _COCO_CLASSES: dict[str, tuple[str, tuple[str, ...]]] = {
 class ClassSet:
     """Classes, plus the templates that suit them (``None``: :data:`DEFAULT_TEMPLATES`).
 
-    Attributes:
-        object_contexts: the classes' contexts describe the object itself (ShapesWorld's colours:
-            "a red circle"), not its surroundings, so a counterfactual removes them with the class word.
-        absence: what a counterfactual prompt says in place of a removed object: MagicSeg's
-            "nothing"; for ShapesWorld, the word its empty scenes are captioned with.
+    What a counterfactual removes and says instead is the model's business, not the classes'
+    (:class:`diffuseg.models.ModelDefaults`).
     """
 
     classes: tuple[ClassSpec, ...]
     templates: tuple[str, ...] | None = None
     source: str = "list"
-    object_contexts: bool = False
-    absence: str = "nothing"
 
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.classes]
-
-    def object_phrases(self, request: SampleRequest) -> list[str]:
-        """What a counterfactual of ``request`` removes besides its class words: each word with its object context."""
-        from diffuseg.tokens import find_word_spans
-
-        if not self.object_contexts:
-            return []
-        phrases = (f"{context} {word}" for class_id, word in zip(request.class_ids, request.words)
-                   for context in self.classes[class_id - 1].contexts)
-        return [phrase for phrase in phrases if find_word_spans(request.prompt, phrase)]
 
 
 def _voc20() -> ClassSet:
@@ -204,7 +189,7 @@ def _shapes() -> ClassSet:
 
     classes = tuple(ClassSpec(shape, (), tuple(DEFAULT_COLORS)) for shape in DEFAULT_SHAPES)
     templates = tuple(t.replace("{0}", "{context} {class}") for t in CAPTION_TEMPLATES[1])
-    return ClassSet(classes, templates, source="shapes", object_contexts=True, absence=EMPTY_SCENE_WORD)
+    return ClassSet(classes, templates, source="shapes")
 
 
 PRESETS: dict[str, Callable[[], ClassSet]] = {"voc20": _voc20, "coco80": _coco80, "shapes": _shapes}
