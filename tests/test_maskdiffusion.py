@@ -415,8 +415,9 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys, arguments, message):
     PIL.Image.fromarray(photo()).save(tmp_path / "ok.png")
     arguments = [a.format(text=tmp_path / "notes.png", image=tmp_path / "ok.png") for a in arguments]
     assert main(["segment", *arguments, "--out", str(tmp_path / "out"), "--model", "/nonexistent"]) == 2
-    error = capsys.readouterr().err.strip()
-    assert message in error and len(error.splitlines()) == 1
+    # one line of error after the line every command starts with (its thread choice)
+    threads, error = capsys.readouterr().err.strip().split("\n", 1)
+    assert threads.startswith("diffuseg: torch uses") and message in error and len(error.splitlines()) == 1
 
 
 # ---------------------------------------------------------------------- evaluation script
