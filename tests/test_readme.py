@@ -72,15 +72,37 @@ def block(marker: str) -> str:
 
 
 def run_diffuseg(line: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    """Run a README command line in this process (``diffuseg ...`` through its entry point,
+    ``python benchmarks/X.py ...`` as ``__main__``): subprocesses would pay the imports each time."""
+    import contextlib
+    import io
+    import runpy
+
+    from diffuseg.cli import main
+
     argv = []
     for arg in shlex.split(line):  # the shell's globbing, in cwd
         argv += sorted(str(p.relative_to(cwd)) for p in cwd.glob(arg)) or [arg] if "*" in arg else [arg]
-    if argv[0] == "diffuseg":
-        argv = [sys.executable, "-m", "diffuseg", *argv[1:]]
-    elif argv[0] == "python":
-        argv = [sys.executable, *(str(REPO / a) if a.startswith("benchmarks/") else a for a in argv[1:])]
-    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+    out, err = io.StringIO(), io.StringIO()
+    previous, previous_argv, threads = os.getcwd(), sys.argv, torch.get_num_threads()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            if argv[0] == "diffuseg":
+                code = main(argv[1:])
+            else:
+                assert argv[0] == "python" and argv[1].startswith("benchmarks/"), line
+                sys.argv = [str(REPO / argv[1]), *argv[2:]]
+                try:
+                    runpy.run_path(sys.argv[0], run_name="__main__")
+                    code = 0
+                except SystemExit as exit:
+                    code = exit.code or 0
+    finally:
+        os.chdir(previous)
+        sys.argv = previous_argv
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
