@@ -73,5 +73,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"diffuseg {args.command}: error: {error}", file=sys.stderr)
         return 2
 
+
 if __name__ == "__main__":
     sys.exit(main())
