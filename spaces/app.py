@@ -327,7 +327,7 @@ def counterfactual_tab(pipes: Pipelines, prompt: str, words: str, phrases: str, 
     names = parse_words(words)
     out = pipes.counterfactual(
         prompt, class_names=names, remove_phrases=parse_words(phrases) if phrases.strip() else None,
-        replacement=replacement or "nothing", height=size, width=size,
+        replacement=replacement or None, height=size, width=size,
         num_inference_steps=steps, guidance_scale=guidance, generator=seeded(seed),
         callback_on_step_end=request_deadline(),
     )
@@ -525,7 +525,9 @@ def build_demo(
         handler.__name__ = handler.__qualname__ = tab.__name__
         return readable_errors(handler)
 
-    examples_image = np.asarray(make_sample("validation", 0, size=size)["image"])
+    # A validation render (never a test image) with two shapes that the embedded model's MaskDiffusion labels
+    # right with its default caption (a blue square and an orange circle); it still calls many squares circles.
+    examples_image = np.asarray(make_sample("validation", 6, size=size)["image"])
     with gr.Blocks(title="diffuseg") as demo:
         gr.Markdown(
             "# diffuseg\nSegmentation data from text-to-image diffusion models, and training-free segmentation. "
@@ -622,8 +624,9 @@ def build_demo(
                     md_words = gr.Textbox(recipe.maskdiffusion[0][0], elem_id="maskdiffusion-words",
                                           label="Class names (comma-separated; `background` adds a background class)")
                     md_caption = gr.Textbox(recipe.maskdiffusion[0][1], elem_id="maskdiffusion-caption",
-                                            label="Caption naming every class (optional; empty: the names joined "
-                                                  "by 'and'). A model reads words best in captions like its own.")
+                                            label="Caption naming every class (optional; empty: the model's own form, "
+                                                  "else the names joined by 'and'). A model reads words best in "
+                                                  "captions like its own.")
                     md_run = gr.Button("Segment", variant="primary", elem_id="maskdiffusion-run")
                     gr.Examples([[examples_image, *example] for example in recipe.maskdiffusion],
                                 [md_image, md_words, md_caption])

@@ -26,7 +26,6 @@ from diffuseg.generation import (
     PRESETS,
     DescriptionPrompter,
     GenerationConfig,
-    SampleRequest,
     TemplatePrompter,
     WorkPlan,
     agreement_iou,
@@ -39,6 +38,7 @@ from diffuseg.generation import (
     remap_label,
     sample_seed,
 )
+from diffuseg.models import modifier_phrases
 from diffuseg.pipelines import DiffuMaskPipeline
 from diffuseg.testing import build_clip_tokenizer, save_tiny_stable_diffusion, tiny_stable_diffusion
 
@@ -123,12 +123,17 @@ def test_presets_and_class_specs(tmp_path):
     assert voc.names[0] == "aeroplane" and "airplane" in voc.classes[0].words
     shapes = parse_classes("shapes")
     assert shapes.names == ["circle", "square", "triangle"] and shapes.templates
-    # counterfactuals of ShapesWorld prompts drop the colour with the shape, for the empty scene's word
-    request = SampleRequest(0, 0, "a picture of a red circle on a background", [1], ["circle"])
-    assert (shapes.object_phrases(request), shapes.absence) == (["red circle"], "background")
-    assert (voc.object_phrases(SampleRequest(0, 0, "a bird in the sky", [3], ["bird"])), voc.absence) == ([], "nothing")
+    # what a counterfactual removes and says instead comes from the model (its diffuseg.json), not the classes:
+    # the embedded model drops the colour with the shape, for its empty scenes' word; other models say "nothing"
     config = GenerationConfig(out=str(tmp_path / "x"), classes=shapes, images_per_class=1, pipeline="counterfactual")
-    assert config.absence == config.fingerprint()["counterfactual_replacement"] == "background"
+    fingerprint = config.fingerprint()
+    assert (fingerprint["counterfactual_replacement"], fingerprint["num_inference_steps"], fingerprint["guidance_scale"]) == (
+        "background", 25, 4.0)
+    assert "red" in fingerprint["object_modifiers"]
+    assert modifier_phrases("a picture of a red circle on a background", ["circle"], config.object_modifiers) == ["red circle"]
+    other = GenerationConfig(out=str(tmp_path / "y"), classes=voc, images_per_class=1, model="owner/any-sd-checkpoint")
+    assert (other.counterfactual_replacement, other.object_modifiers, other.num_inference_steps, other.guidance_scale) == (
+        "nothing", (), 50, 7.5)
     assert dataclasses.replace(config, counterfactual_replacement="void").fingerprint()["counterfactual_replacement"] == "void"
 
     listed = parse_classes("dog, cat=cat|kitten ,traffic light")

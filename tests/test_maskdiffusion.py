@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffuseg.models import load_pipeline
 from diffuseg.pipelines import MaskDiffusionSegOutput, MaskDiffusionSegPipeline
 from diffuseg.pipelines.maskdiffusion import (
     cluster_scores,
@@ -375,16 +376,23 @@ def test_cli_writes_label_pngs_overlays_and_legend(tmp_path, model_folder):
     out = tmp_path / "out"
     args = ["segment", *images, "--classes", "dog, cat", "--background", "background", "--model", model_folder, "--out", str(out)]
     assert main(args) == 0
-    assert json.loads((out / "labels.json").read_text()) == {"0": "dog", "1": "cat", "2": "background"}
+    # the datasets' ids in files: 0 background, 1..C the classes in --classes order
+    assert json.loads((out / "labels.json").read_text()) == {"0": "background", "1": "dog", "2": "cat"}
     for stem, size in (("street", (40, 32)), ("cut", (32, 32)), ("street-2", (32, 32))):
         with PIL.Image.open(out / f"{stem}.png") as labels:
             assert labels.mode == "L" and labels.size == size and set(np.unique(np.asarray(labels))) <= {0, 1, 2}
         with PIL.Image.open(out / f"{stem}_overlay.png") as picture:
             assert picture.mode == "RGB" and picture.height > size[1]
+    # the same pixels as the pipeline's own ids (classes from 0, background last), shifted
+    pipe = load_pipeline(MaskDiffusionSegPipeline, model_folder)
+    direct = pipe(PIL.Image.open(images[0]), ["dog", "cat"], background_prompt="background",
+                  generator=torch.Generator().manual_seed(0), output_type="np").segmentation[0]
+    with PIL.Image.open(out / "street.png") as labels:
+        assert np.array_equal(np.asarray(labels), np.where(direct == 2, 0, direct + 1))
 
     clusters = tmp_path / "clusters"
     assert main(["segment", images[0], "--clusters", "2", "--model", model_folder, "--out", str(clusters)]) == 0
-    assert json.loads((clusters / "labels.json").read_text()) == {"0": "cluster 0", "1": "cluster 1"}
+    assert json.loads((clusters / "labels.json").read_text()) == {"1": "cluster 1", "2": "cluster 2"}
 
 
 @pytest.mark.parametrize(
@@ -407,8 +415,9 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys, arguments, message):
     PIL.Image.fromarray(photo()).save(tmp_path / "ok.png")
     arguments = [a.format(text=tmp_path / "notes.png", image=tmp_path / "ok.png") for a in arguments]
     assert main(["segment", *arguments, "--out", str(tmp_path / "out"), "--model", "/nonexistent"]) == 2
-    error = capsys.readouterr().err.strip()
-    assert message in error and len(error.splitlines()) == 1
+    # one line of error after the line every command starts with (its thread choice)
+    threads, error = capsys.readouterr().err.strip().split("\n", 1)
+    assert threads.startswith("diffuseg: torch uses") and message in error and len(error.splitlines()) == 1
 
 
 # ---------------------------------------------------------------------- evaluation script

@@ -171,7 +171,7 @@ def test_a_kill_inside_publishing_leaves_nothing_readable_as_complete(tiny_model
         (["--steps", "0"], "--steps must be a positive integer, got 0"),
         (["--height", "0"], "--height must be a positive multiple of 8"),
         (["--images-per-class", str(10**12)], "2,000,000,000,000 samples, 1,000,000,000,000 shards of 2"),
-        (["--resolutions", "7"], "resolutions [7] are not attention-map heights of this model at 32x32; choose among [16, 8]"),
+        (["--resolutions", "7"], "resolutions [7] are not cross-attention map heights of this model at 32x32; it has [8, 16]"),
     ],
 )
 def test_bad_generate_inputs_fail_in_one_line_before_any_sample(tiny_model, tmp_path, capsys, extra, message):
@@ -198,7 +198,7 @@ def tiny_pipe():
         ("diffumask", {"num_inference_steps": 0}, "num_inference_steps must be a positive integer, got 0"),
         ("diffumask", {"num_inference_steps": -1}, "num_inference_steps must be a positive integer, got -1"),
         ("diffumask", {"threshold": 1.5}, "a numeric threshold must be in [0, 1], got 1.5"),
-        ("diffumask", {"resolutions": [7]}, "choose among [16, 8]"),
+        ("diffumask", {"resolutions": [7]}, "it has [8, 16]"),
         ("counterfactual", {"guidance_scale": -3.0}, "guidance_scale must be 0 or more"),
         ("counterfactual", {"num_inference_steps": 0}, "num_inference_steps must be a positive integer"),
     ],

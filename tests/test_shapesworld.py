@@ -27,7 +27,6 @@ from diffuseg.shapesworld import (
     write_real_dataset,
 )
 from diffuseg.shapesworld.recognize import prompt_fidelity, recognize
-from diffuseg.generation import SampleRequest
 from diffuseg.shapesworld.render import _STAR, CAPTION_TEMPLATES, EMPTY_SCENE_WORD, caption, render_background
 
 STAR_AREA = 0.5 * abs(np.dot(_STAR[:, 0], np.roll(_STAR[:, 1], -1)) - np.dot(_STAR[:, 1], np.roll(_STAR[:, 0], -1)))
@@ -161,7 +160,7 @@ def test_empty_scenes_are_captioned_as_counterfactual_prompts_read():
     from transformers import CLIPTokenizer
 
     from diffuseg.generation import TemplatePrompter, parse_classes
-    from diffuseg.models import EMBEDDED_MODELS
+    from diffuseg.models import EMBEDDED_MODELS, model_defaults
     from diffuseg.tokens import replace_words
 
     scene = sample_scene(np.random.default_rng(0), DEFAULT_SHAPES, tuple(COLORS), n_objects=0)
@@ -176,10 +175,11 @@ def test_empty_scenes_are_captioned_as_counterfactual_prompts_read():
     # the counterfactual of a generated ShapesWorld prompt is one of these captions
     shapes = parse_classes("shapes")
     prompter, rng = TemplatePrompter(shapes), np.random.default_rng(0)
+    defaults = model_defaults()
     for class_id in (1, 2, 3, 1, 2, 3):
         prompt, words = prompter([class_id], rng)
-        phrases = shapes.object_phrases(SampleRequest(0, 0, prompt, [class_id], words))
-        assert replace_words(prompt, [*words, *phrases], shapes.absence) in captions, prompt
+        phrases = defaults.remove_phrases(prompt, words)
+        assert replace_words(prompt, [*words, *phrases], defaults.counterfactual_replacement) in captions, prompt
 
 
 def test_training_captions_name_shapes_without_colours_for_the_configured_share():

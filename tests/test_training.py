@@ -138,13 +138,15 @@ def test_tiny_segformer_overfits_four_images_and_evaluate_reproduces_it(data, tm
     assert json.loads((output / "config.json").read_text())["id2label"] == {"0": "background", "1": "square", "2": "circle"}
     card = (output / "README.md").read_text()
     assert data["real"] in card and "mean_iou" in card and "image-segmentation" in card
+    assert "(train split)" in card and all(r["split"] == "train" for r in result.eval_results.values())  # what was scored
 
     code, out, _ = run_cli(["evaluate", str(output), data["real"], "--split", "train", "--json"], capsys)
     assert code == 0
     reloaded = json.loads(out)
     assert reloaded["per_class"] == report["per_class"] and reloaded["mean_iou"] == report["mean_iou"]
     code, out, _ = run_cli(["evaluate", str(output), data["real"], "--split", "train"], capsys)
-    assert code == 0 and "circle" in out and "mean_iou:" in out
+    assert code == 0 and "circle" in out and "mean_iou:" in out and "train split" in out
+    assert reloaded["split"] == "train"
 
 
 def test_resume_after_a_stop_gives_the_same_final_weights(data, tmp_path):

@@ -189,6 +189,22 @@ class AttentionStore(AttentionController):
         self.self_sum: torch.Tensor | None = None
         self.self_count = 0
         self.self_size: Size | None = None
+        self.cross_heights: set[int] = set()  # heights of every cross-attention layer the UNet has
+
+    def begin_unet_call(self, sample: torch.Tensor) -> None:
+        if self.step == 0:  # the first UNet evaluation has visited every layer once
+            self.check_resolutions()
+        super().begin_unet_call(sample)
+
+    def check_resolutions(self) -> None:
+        """Raise ``ValueError`` when a requested resolution is not one the UNet has (after its first call)."""
+        missing = sorted(self.resolutions - self.cross_heights) if self.resolutions and self.cross_heights else []
+        if missing:
+            raise ValueError(
+                f"resolutions {missing} are not cross-attention map heights of this model at this image size; "
+                f"it has {sorted(self.cross_heights)} (e.g. 16, 32, 64 for SD at 512², 16 and 8 for the embedded "
+                "ShapesWorld model at 64 px): pass some of those, or None for all"
+            )
 
     @property
     def num_images(self) -> int:
@@ -209,6 +225,8 @@ class AttentionStore(AttentionController):
         return not self.skipping and (self.steps is None or self.steps[0] <= self.step < self.steps[1])
 
     def wants(self, kind: str, size: Size) -> bool:
+        if kind == "cross" and self.step == 0:
+            self.cross_heights.add(size[0])
         if not self.recording_step():
             return False
         if kind == "cross":
@@ -268,6 +286,7 @@ class AttentionStore(AttentionController):
 
     def cross_attention(self) -> dict[Size, torch.Tensor]:
         """Mean cross-attention per recorded resolution: ``{(h, w): (images, words, h, w)}``."""
+        self.check_resolutions()  # a single-step run never started a second UNet evaluation
         return {
             size: (total / self.cross_counts[size]).reshape(total.shape[0], total.shape[1], *size)
             for size, total in sorted(self.cross_sums.items(), reverse=True)

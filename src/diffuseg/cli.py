@@ -36,35 +36,49 @@ STORAGE_ERRORS = {
 
 
 def build_parser(commands: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser with the full options of ``commands`` (default: every command).
+
+    Commands not named get their one-line help only (the module's ``HELP``): their options
+    may import torch, and ``diffuseg --help`` should not.
+    """
     parser = argparse.ArgumentParser(
         prog="diffuseg",
         description="Segmentation data and training-free segmentation from text-to-image diffusion models.",
+        epilog="Every command takes --threads N (torch CPU threads per process; see `diffuseg COMMAND --help`).",
     )
     from diffuseg import __version__
+    from diffuseg.threads import help_text
 
     parser.add_argument("--version", action="version", version=f"diffuseg {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in commands if commands is not None else COMMANDS:
+    for name, module_name in COMMANDS.items():
         try:
-            module = importlib.import_module(f"diffuseg.commands.{COMMANDS[name]}")
+            module = importlib.import_module(f"diffuseg.commands.{module_name}")
         except ModuleNotFoundError as error:
-            if error.name != f"diffuseg.commands.{COMMANDS[name]}":
+            if error.name != f"diffuseg.commands.{module_name}":
                 raise
             continue  # command not shipped in this build
+        if commands is not None and name not in commands:
+            subparsers.add_parser(name, help=module.HELP)
+            continue
         module.add_parser(subparsers)
+        subparsers.choices[name].add_argument("--threads", type=int, metavar="N", help=help_text())
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Build only the requested command's parser when one is named: its imports can be heavy.
-    named = [argv[0]] if argv and argv[0] in COMMANDS else None
+    # Build only the requested command's options when one is named: its imports can be heavy.
+    named = [argv[0]] if argv and argv[0] in COMMANDS else []
     parser = build_parser(named)
     args = parser.parse_args(argv)
     if args.command is None:
-        build_parser().print_help()
+        parser.print_help()
         return 2
     try:
+        from diffuseg.threads import apply_threads
+
+        apply_threads(args.threads)
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         # Bad input: one readable line, no traceback. Bugs still raise.

@@ -116,10 +116,14 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
-def metrics_report(metrics: Mapping[str, Any], id2label: Mapping[int, str], num_images: int) -> dict[str, Any]:
-    """JSON-ready figures: summary keys, ``num_images``, and ``per_class`` {name: {iou, accuracy}}
-    (``None`` where a class is in neither references nor predictions)."""
+def metrics_report(
+    metrics: Mapping[str, Any], id2label: Mapping[int, str], num_images: int, split: str | None = None
+) -> dict[str, Any]:
+    """JSON-ready figures: summary keys, ``num_images``, the ``split`` scored (when given), and
+    ``per_class`` {name: {iou, accuracy}} (``None`` where a class is in neither references nor predictions)."""
     report: dict[str, Any] = {"num_images": num_images}
+    if split is not None:
+        report["split"] = split
     report.update({key: _number(metrics[key]) for key in SUMMARY_KEYS if key in metrics})
     report["per_class"] = {
         id2label[class_id]: {"iou": _number(iou), "accuracy": _number(accuracy)}
@@ -141,5 +145,5 @@ def format_report(report: Mapping[str, Any], unseen_names: Sequence[str] = ()) -
         lines.append(f"{name:<{width}} {percent(figures['iou'])} {percent(figures['accuracy'])}{mark}")
     lines.append("-" * (width + 14))
     lines += [f"{key}: {percent(report[key]).strip()}" for key in SUMMARY_KEYS if key in report]
-    lines.append(f"images: {report['num_images']}")
+    lines.append(f"images: {report['num_images']}" + (f" ({report['split']} split)" if report.get("split") else ""))
     return "\n".join(lines)

@@ -1,16 +1,18 @@
 """Where models come from: the embedded ShapesWorld model, a local folder or a Hub id.
 
 Every command and the Space resolve their ``--model`` here, so loading rules live once:
-weights only through safetensors, remote code never by default.
+weights only through safetensors, remote code never by default. A model folder may also
+carry ``diffuseg.json``, the settings that suit it (:func:`model_defaults`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-
-import torch
 
 DEFAULT_MODEL = "shapesworld"
 """Name of the embedded default model; any other value is a local folder or a Hub id."""
@@ -75,6 +77,8 @@ def load_pipeline(pipeline_class, model: str | os.PathLike | None = None, *, dty
     """
     kwargs.setdefault("safety_checker", None)
     kwargs.setdefault("requires_safety_checker", False)
+    import torch
+
     pipe = pipeline_class.from_pretrained(
         resolve_model(model), dtype=dtype or torch.float32, use_safetensors=True, **kwargs
     )
@@ -90,3 +94,121 @@ def load_default_model(pipeline_class=None, **kwargs):
 
         pipeline_class = DiffuMaskPipeline
     return load_pipeline(pipeline_class, DEFAULT_MODEL, **kwargs)
+
+
+# --------------------------------------------------------------------------- per-model defaults
+MODEL_DEFAULTS_FILE = "diffuseg.json"
+"""The file in a model folder whose keys override :class:`ModelDefaults` (unknown keys are an error)."""
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Settings that suit a model, read from its folder's ``diffuseg.json``.
+
+    A model without the file (any Hub checkpoint) gets Stable Diffusion's usual values.
+
+    Attributes:
+        num_inference_steps, guidance_scale: sampling defaults of ``diffuseg generate``.
+        segment_item: how a MaskDiffusion prompt names one class (``{}`` is the name),
+            e.g. ``"a {}"``; ``None``: the bare name.
+        segment_separator: what joins the named classes (" and ").
+        segment_prompt: the MaskDiffusion prompt around the joined classes (``{classes}``), e.g.
+            ``"a picture of {classes}"``; ``None``: the bare names joined by " and ", as in the paper.
+        segment_background: how the background word is added to ``segment_prompt``
+            (``{}`` is the word), e.g. ``" on a {}"``.
+        counterfactual_replacement: what a counterfactual prompt says in place of the objects.
+        object_modifiers: words that describe an object right before its class word (ShapesWorld's
+            colours); a counterfactual removes "modifier word" together with the word.
+        source: where these values come from (for cards and messages).
+    """
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    segment_item: str | None = None
+    segment_separator: str = " and "
+    segment_prompt: str | None = None
+    segment_background: str | None = None
+    counterfactual_replacement: str = "nothing"
+    object_modifiers: tuple[str, ...] = ()
+    source: str = "Stable Diffusion defaults"
+
+    def segment_caption(self, class_names: Sequence[str], background: str | None = None) -> str | None:
+        """The MaskDiffusion prompt naming ``class_names`` (and ``background``), or None for the " and " join."""
+        if self.segment_prompt is None:
+            return None
+        listed = self.segment_separator.join((self.segment_item or "{}").format(name) for name in class_names)
+        text = self.segment_prompt.format(classes=listed)
+        if background:
+            text += (self.segment_background or " and {}").format(background)
+        return text
+
+    def remove_phrases(self, prompt: str, class_words: Sequence[str]) -> list[str]:
+        """The "modifier word" phrases of ``prompt`` that a counterfactual removes with its class words."""
+        return modifier_phrases(prompt, class_words, self.object_modifiers)
+
+
+def modifier_phrases(prompt: str, words: Sequence[str], modifiers: Sequence[str]) -> list[str]:
+    """Each "modifier word" of ``prompt`` (whole words, any case), for ``words`` and ``modifiers``."""
+    return [
+        f"{modifier} {word}"
+        for word in words
+        for modifier in modifiers
+        if re.search(rf"\b{re.escape(modifier)}\s+{re.escape(word)}\b", prompt, flags=re.IGNORECASE)
+    ]
+
+
+def model_defaults(model: str | os.PathLike | None = None) -> ModelDefaults:
+    """The :class:`ModelDefaults` of ``model`` (a name, folder or Hub id; default: the embedded model).
+
+    Only local folders are read (nothing is downloaded): a Hub id, or a folder without
+    ``diffuseg.json``, gets Stable Diffusion's defaults.
+
+    Raises:
+        ValueError: the file exists but is not valid JSON or has keys :class:`ModelDefaults` does not know.
+    """
+    name = os.fspath(model) if model is not None else DEFAULT_MODEL
+    if not name:
+        return ModelDefaults()
+    folder = EMBEDDED_MODELS.get(name, Path(os.path.expanduser(name)))
+    path = folder / MODEL_DEFAULTS_FILE
+    if not path.is_file():
+        return ModelDefaults()
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    known = {f.name for f in fields(ModelDefaults)} - {"source"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path} has unknown keys {unknown}; known: {sorted(known)}")
+    if "object_modifiers" in values:
+        values["object_modifiers"] = tuple(values["object_modifiers"])
+    return ModelDefaults(**values, source=str(path))
+
+
+def pipeline_defaults(pipe) -> ModelDefaults:
+    """The :class:`ModelDefaults` of the folder a loaded pipeline came from (``pipe.name_or_path``)."""
+    return model_defaults(getattr(pipe, "name_or_path", None) or "")  # "": built in code, no folder
+
+
+# --------------------------------------------------------------------------- community pipelines
+COMMUNITY_PIPELINES = (
+    "counterfactual", "diffumask", "diffumask_flux", "diffumask_sd3", "diffumask_xl", "freemask", "maskdiffusion",
+)
+"""The pipelines that load as diffusers community pipelines (``custom_pipeline=``)."""
+
+
+def community_pipeline(name: str) -> str:
+    """The absolute path of the installed community-pipeline folder ``name``, for ``custom_pipeline=``.
+
+    >>> DiffusionPipeline.from_pretrained(model, custom_pipeline=diffuseg.community_pipeline("diffumask"),
+    ...                                   trust_remote_code=True)
+
+    Works from any working directory (a relative ``"pipelines/diffumask"`` only from the repository root).
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`COMMUNITY_PIPELINES`.
+    """
+    if name not in COMMUNITY_PIPELINES:
+        raise ValueError(f"no community pipeline {name!r}; there are {', '.join(COMMUNITY_PIPELINES)}")
+    return str(Path(__file__).parent / "community" / name)

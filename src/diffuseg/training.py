@@ -255,7 +255,7 @@ def train(args: TrainingArguments) -> TrainingResult:
         reports = {}
         for source, loader in zip(eval_sources, eval_loaders):
             metrics, images = evaluate_segmentation(model, loader, accelerator, len(label_space), unseen or None, f"eval {source.name}")
-            reports[source.name] = metrics_report(metrics, label_space, images)
+            reports[source.name] = metrics_report(metrics, label_space, images, source.split)
             accelerator.log({f"eval/{source.name}/{key}": value for key, value in reports[source.name].items() if isinstance(value, float)}, step=step)
         return reports
 
@@ -306,7 +306,7 @@ def train(args: TrainingArguments) -> TrainingResult:
         write_model_card(output_dir, args, label_space, train_sources, real, eval_results, pretrained, accelerator.num_processes)
         record_written(output_dir, set(os.listdir(output_dir)) - before)
         for name, report in eval_results.items():
-            print(f"\n{name} (step {step})\n{format_report(report, args.unseen_classes or ())}")
+            print(f"\n{name}, {report['split']} split (step {step})\n{format_report(report, args.unseen_classes or ())}")
     accelerator.end_training()
     steps_per_second = steps_run / loop_seconds if loop_seconds else 0.0
     return TrainingResult(accelerator.unwrap_model(model), output_dir, step, losses, eval_results, steps_per_second)
@@ -556,7 +556,7 @@ def write_model_card(
     if eval_results:
         lines += ["## Evaluation", ""]
         for name, report in eval_results.items():
-            lines += [f"### {name}", "", "```", format_report(report, args.unseen_classes or ()), "```", ""]
+            lines += [f"### {name} ({report['split']} split)", "", "```", format_report(report, args.unseen_classes or ()), "```", ""]
     loader = (
         "from diffuseg.evaluation import load_segmentation_model\nmodel = load_segmentation_model(\"PATH\")"
         if args.lora

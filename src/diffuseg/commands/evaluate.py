@@ -10,10 +10,14 @@ import argparse
 import json
 
 
+HELP = "score a segmentation model on a dataset (mean IoU, per-class IoU and accuracy)"
+"""The command's line in ``diffuseg --help``."""
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate",
-        help="score a segmentation model on a dataset (mean IoU, per-class IoU and accuracy)",
+        help=HELP,
         description=(
             "Score a model saved by `diffuseg train` (or any AutoModelForSemanticSegmentation "
             "folder / Hub id, LoRA adapter folders included) on a dataset in the diffuseg layout. "
@@ -58,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
     loader = accelerator.prepare_data_loader(segmentation_loader(samples, args.batch_size, args.num_workers))
     model = accelerator.prepare_model(model, evaluation_mode=True)
     metrics, images = evaluate_segmentation(model, loader, accelerator, len(label_space), unseen or None, f"eval {source.name}")
-    report = metrics_report(metrics, label_space, images)
+    report = metrics_report(metrics, label_space, images, source.split)
     if accelerator.is_main_process:
         if args.json:
-            print(json.dumps({"model": args.model, "dataset": source.name, "split": source.split, **report}))
+            print(json.dumps({"model": args.model, "dataset": source.name, **report}))
         else:
-            print(format_report(report, args.unseen_classes or ()))
+            print(f"{source.name}, {source.split} split\n{format_report(report, args.unseen_classes or ())}")
     return 0

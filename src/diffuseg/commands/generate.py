@@ -10,6 +10,10 @@ import argparse
 
 from diffuseg.commands import comma_separated_ints
 
+HELP = "generate a synthetic segmentation dataset (resumable, distributed)"
+"""The command's line in ``diffuseg --help``."""
+
+
 DESCRIPTION = """\
 Generate a synthetic semantic-segmentation dataset with a text-to-image pipeline and write it
 in the Hugging Face Hub layout (data/train-*.parquet, id2label.json, README.md card), ready for
@@ -47,7 +51,7 @@ def _threshold(value: str) -> str | float:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "generate",
-        help="generate a synthetic segmentation dataset (resumable, distributed)",
+        help=HELP,
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -72,16 +76,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          help="length limit of a description (default: 24)")
     prompts.add_argument("--counterfactual-replacement", metavar="TEXT",
                          help="--pipeline counterfactual: what the counterfactual prompt says in place of the objects "
-                         "(default: 'nothing', as in MagicSeg; for --classes shapes 'background', which the embedded "
-                         "model draws as an empty scene)")
+                         "(default: the model's diffuseg.json: 'background' for shapesworld, whose empty scenes are "
+                         "captioned so, with the colour before a shape removed too; 'nothing', as in MagicSeg, without one)")
     prompts.add_argument("--two-class-fraction", type=float, default=0.0, metavar="F",
                          help="share of prompts that also name a second, random class (default: 0)")
 
     gen = parser.add_argument_group("image and mask generation")
     gen.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's)")
     gen.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's)")
-    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default: 50)")
-    gen.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default: 7.5)")
+    gen.add_argument("--steps", type=int,
+                     help="denoising steps (default: the model's diffuseg.json: 25 for shapesworld; 50 without one)")
+    gen.add_argument("--guidance-scale", type=float,
+                     help="classifier-free guidance (default: the model's diffuseg.json: 4.0 for shapesworld; 7.5 without one)")
     gen.add_argument("--negative-prompt", help="negative prompt for every image")
     gen.add_argument("--resolutions", type=comma_separated_ints, metavar="H,H,...",
                      help="heights of the cross-attention maps to average, e.g. 16,32,64 for SD at 512 (default: all)")

@@ -17,6 +17,9 @@ from pathlib import Path
 
 from diffuseg.data import STATE_DIR, split_files
 
+HELP = "upload a dataset folder to the Hugging Face Hub (resumable)"
+"""The command's line in ``diffuseg --help``."""
+
 
 @dataclass
 class UploadPlan:
@@ -124,7 +127,7 @@ def push_dataset(plan: UploadPlan, revision: str | None = None) -> str:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "push",
-        help="upload a dataset folder to the Hugging Face Hub (resumable)",
+        help=HELP,
         description=(
             "Check a dataset folder written by `diffuseg generate` and upload it to a Hub dataset repo with "
             "huggingface_hub's resumable large-folder upload; rerun the same command to resume. The token comes "

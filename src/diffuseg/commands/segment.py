@@ -1,8 +1,9 @@
 """``diffuseg segment``: training-free segmentation of real images (MaskDiffusion).
 
-For each image it writes a label PNG (mode L, id = position in ``--classes``, the background
-id is the number of classes) and a colour overlay with a legend, plus ``labels.json``
-naming every id.
+For each image it writes a label PNG (mode L) in the ids of diffuseg's datasets: 0 background,
+k the k-th class of ``--classes`` counting from 1 (255 ignore, never written here), a colour
+overlay with a legend, and ``labels.json`` naming every id. (The pipeline's own arrays count
+classes from 0 and put background last; only these files are shifted.)
 """
 
 from __future__ import annotations
@@ -19,17 +20,21 @@ LABELS_FILE = "labels.json"
 MAX_SIDE_WINDOWS = 8
 """Default --max-side in window sides: a 6000-px photo is not cut into thousands of windows."""
 
+HELP = "segment images into named classes, training-free (MaskDiffusion)"
+"""The command's line in ``diffuseg --help``."""
+
+
 DESCRIPTION = """\
 Segment images into the named classes with a frozen text-to-image diffusion model, without any
 training (MaskDiffusion): one UNet pass per image with the class names as the prompt; each pixel
 goes to the class whose attention-weighted prototype feature it is most similar to.
 
-Writes, per image, OUT/<name>.png (labels: pixel value k is the k-th class of --classes,
-counting from 0; the number of classes is background when --background or
---background-threshold is given) and OUT/<name>_overlay.png (colours and a legend), and
+Writes, per image, OUT/<name>.png (labels as in diffuseg's datasets: 0 background, k the k-th
+class of --classes counting from 1; background appears with --background or
+--background-threshold) and OUT/<name>_overlay.png (colours and a legend), and
 OUT/labels.json mapping ids to names; it refuses to replace a file of those names that it did not
-write itself (a manifest, OUT/.diffuseg-files.json, lists its own). Without --classes, --clusters segments into k-means
-clusters instead (unsupervised)."""
+write itself (a manifest, OUT/.diffuseg-files.json, lists its own). Without --classes, --clusters
+segments into k-means clusters instead (unsupervised; cluster k gets id k, from 1)."""
 
 EPILOG = """\
 examples:
@@ -55,7 +60,7 @@ def _clusters(value: str) -> int | None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "segment",
-        help="segment images into named classes, training-free (MaskDiffusion)",
+        help=HELP,
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -210,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
     background = None if unsupervised or not (args.background or args.background_threshold is not None) else len(classes)
 
     record_written(out, written)  # before writing: a kill midway leaves only names the manifest owns
-    names: list[str] = [] if unsupervised else [*classes, *(["background"] if background is not None else [])]
+    # File ids are the datasets' (0 background, 1..C classes): the pipeline's id k is k + 1, its background 0.
+    names: list[str] = [] if unsupervised else ["background", *classes]
     with tqdm(total=len(paths), desc="segmenting", unit="image") as bar:
         # Several images per call: the prompt is encoded once per call, not once per image.
         for start in range(0, len(paths), args.batch_size):
@@ -221,13 +227,15 @@ def run(args: argparse.Namespace) -> int:
             for image, labels, scores, stem in zip(images, result.segmentation, result.scores, stems[start:]):
                 if unsupervised:
                     clusters = int(np.isfinite(scores[:, 0, 0]).sum())
-                    names = [f"cluster {k}" for k in range(max(len(names), clusters))]
-                PIL.Image.fromarray(labels.astype(np.uint8), mode="L").save(out / f"{stem}.png")
+                    names = ["background", *(f"cluster {k}" for k in range(1, max(len(names) - 1, clusters) + 1))]
+                labels = np.where(labels == (-1 if background is None else background), 0, labels + 1).astype(np.uint8)
+                PIL.Image.fromarray(labels, mode="L").save(out / f"{stem}.png")
                 rgb = (image_to_tensor(image).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-                overlay(rgb, labels, names, alpha=args.alpha, background_id=background).save(out / f"{stem}_overlay.png")
+                overlay(rgb, labels, names, alpha=args.alpha, background_id=0).save(out / f"{stem}_overlay.png")
             bar.update(len(images))
     with open(out / LABELS_FILE, "w", encoding="utf-8") as f:
-        json.dump({str(i): name for i, name in enumerate(names)}, f, indent=2)
+        # id 0 appears only with a background
+        json.dump({str(i): name for i, name in enumerate(names) if i or background is not None}, f, indent=2)
     print(f"wrote {len(paths)} label maps and overlays to {os.fspath(out)} (<name>.png, <name>_overlay.png, "
           f"{LABELS_FILE}; other files there are left alone)")
     return 0

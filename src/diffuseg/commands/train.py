@@ -8,7 +8,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from diffuseg.training_data import IGNORE_INDEX
+from diffuseg.data import IGNORE_INDEX
+
+
+HELP = "train a segmentation model (any transformers AutoModelForSemanticSegmentation)"
+"""The command's line in ``diffuseg --help``."""
 
 
 def add_parser(subparsers) -> None:
@@ -17,7 +21,7 @@ def add_parser(subparsers) -> None:
     defaults = TrainingArguments(train=[])
     parser = subparsers.add_parser(
         "train",
-        help="train a segmentation model (any transformers AutoModelForSemanticSegmentation)",
+        help=HELP,
         description=(
             "Train or fine-tune a semantic segmentation model on datasets in the diffuseg layout "
             "(local folders or Hub ids), mixed with weights; evaluate with mean IoU. "

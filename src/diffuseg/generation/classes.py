@@ -9,10 +9,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from diffuseg.generation.plan import SampleRequest
 
 
 @dataclass(frozen=True)
@@ -158,32 +154,17 @@ _COCO_CLASSES: dict[str, tuple[str, tuple[str, ...]]] = {
 class ClassSet:
     """Classes, plus the templates that suit them (``None``: :data:`DEFAULT_TEMPLATES`).
 
-    Attributes:
-        object_contexts: the classes' contexts describe the object itself (ShapesWorld's colours:
-            "a red circle"), not its surroundings, so a counterfactual removes them with the class word.
-        absence: what a counterfactual prompt says in place of a removed object: MagicSeg's
-            "nothing"; for ShapesWorld, the word its empty scenes are captioned with.
+    What a counterfactual removes and says instead is the model's business, not the classes'
+    (:class:`diffuseg.models.ModelDefaults`).
     """
 
     classes: tuple[ClassSpec, ...]
     templates: tuple[str, ...] | None = None
     source: str = "list"
-    object_contexts: bool = False
-    absence: str = "nothing"
 
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.classes]
-
-    def object_phrases(self, request: SampleRequest) -> list[str]:
-        """What a counterfactual of ``request`` removes besides its class words: each word with its object context."""
-        from diffuseg.tokens import find_word_spans
-
-        if not self.object_contexts:
-            return []
-        phrases = (f"{context} {word}" for class_id, word in zip(request.class_ids, request.words)
-                   for context in self.classes[class_id - 1].contexts)
-        return [phrase for phrase in phrases if find_word_spans(request.prompt, phrase)]
 
 
 def _voc20() -> ClassSet:
@@ -200,11 +181,11 @@ def _shapes() -> ClassSet:
     # The embedded model knows ShapesWorld captions only: reuse their templates, with the
     # colours as context words ("a picture of a red circle"), and its empty scenes' caption
     # for counterfactuals ("a picture of a background").
-    from diffuseg.shapesworld.render import CAPTION_TEMPLATES, DEFAULT_COLORS, DEFAULT_SHAPES, EMPTY_SCENE_WORD
+    from diffuseg.shapesworld.render import CAPTION_TEMPLATES, DEFAULT_COLORS, DEFAULT_SHAPES
 
     classes = tuple(ClassSpec(shape, (), tuple(DEFAULT_COLORS)) for shape in DEFAULT_SHAPES)
     templates = tuple(t.replace("{0}", "{context} {class}") for t in CAPTION_TEMPLATES[1])
-    return ClassSet(classes, templates, source="shapes", object_contexts=True, absence=EMPTY_SCENE_WORD)
+    return ClassSet(classes, templates, source="shapes")
 
 
 PRESETS: dict[str, Callable[[], ClassSet]] = {"voc20": _voc20, "coco80": _coco80, "shapes": _shapes}

@@ -36,9 +36,13 @@ class GenerationConfig:
         prompt_model: local causal LM folder for MagicSeg-style descriptions.
         prompt_max_new_tokens: description length limit.
         counterfactual_replacement: what counterfactual prompts say in place of their objects
-            (``None``: the class set's :attr:`ClassSet.absence`).
+            (``None``: the model's, see :class:`~diffuseg.models.ModelDefaults`).
+        object_modifiers: words that describe an object before its class word, removed with it in
+            counterfactual prompts (``None``: the model's; ShapesWorld's colours).
         two_class_fraction: share of prompts naming a second, random class.
-        height, width, num_inference_steps, guidance_scale, negative_prompt: generation.
+        height, width, negative_prompt: generation.
+        num_inference_steps, guidance_scale: sampling; ``None``: the model's (its ``diffuseg.json``,
+            see :func:`diffuseg.models.model_defaults`; 50 and 7.5 for a model without one).
         resolutions, threshold, ignore_band, refine, min_component_area: mask extraction
             (see :class:`~diffuseg.pipelines.DiffuMaskPipeline`).
         min_mask_area: reject samples whose smallest named class covers less than this
@@ -64,11 +68,12 @@ class GenerationConfig:
     prompt_model: str | None = None
     prompt_max_new_tokens: int = 24
     counterfactual_replacement: str | None = None
+    object_modifiers: tuple[str, ...] | None = None
     two_class_fraction: float = 0.0
     height: int | None = None
     width: int | None = None
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     negative_prompt: str | None = None
     resolutions: tuple[int, ...] | None = None
     threshold: str | float = "otsu"
@@ -87,6 +92,15 @@ class GenerationConfig:
     dtype: str = "auto"
     # Runtime knobs: they do not change the dataset, so they stay out of the fingerprint.
     RUNTIME_FIELDS = ("out", "batch_size", "dtype")
+
+    def __post_init__(self) -> None:
+        # The model's defaults are filled in here, so the fingerprint and the card record the values used.
+        from diffuseg.models import model_defaults
+
+        defaults = model_defaults(self.model)
+        for name in ("num_inference_steps", "guidance_scale", "counterfactual_replacement", "object_modifiers"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(defaults, name))
 
     def validate(self) -> None:
         """Raise ``ValueError`` / ``FileNotFoundError`` on settings that cannot work."""
@@ -150,8 +164,6 @@ class GenerationConfig:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.RUNTIME_FIELDS}
         values["classes"] = [dataclasses.asdict(c) for c in self.classes.classes]
         values["templates"] = list(self.prompter_templates())
-        values["counterfactual_replacement"] = self.absence
-        values["object_contexts"] = self.classes.object_contexts
         if self.prompt_model is not None:
             values["prompt_model"] = os.path.basename(os.path.normpath(self.prompt_model))
         return json.loads(json.dumps(values))
@@ -183,11 +195,6 @@ class GenerationConfig:
             output_type="np",
             **self.pipeline_kwargs(requests),
         )
-
-    @property
-    def absence(self) -> str:
-        """What counterfactual prompts say in place of their objects."""
-        return self.classes.absence if self.counterfactual_replacement is None else self.counterfactual_replacement
 
     def prompter_templates(self) -> tuple[str, ...]:
         return tuple(self.templates or self.classes.templates or DEFAULT_TEMPLATES)

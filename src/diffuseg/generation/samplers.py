@@ -112,13 +112,16 @@ def load_counterfactual(config: GenerationConfig, device, dtype):
 def generate_counterfactual(pipe, requests: Sequence[SampleRequest], config: GenerationConfig) -> list[dict]:
     """Image, label (dataset ids) and ``negative_image`` for each request.
 
-    The class words, and the contexts that describe their objects (ShapesWorld's colours), become
-    ``config.absence`` in the counterfactual prompts; injection and fusion are the pipeline's defaults.
+    The class words, and the modifiers that describe their objects (ShapesWorld's colours), become
+    ``config.counterfactual_replacement`` in the counterfactual prompts, as the pipeline's own defaults
+    do; injection and fusion are the pipeline's defaults.
     """
+    from diffuseg.models import modifier_phrases
+
     out = pipe(
         **config.text_to_image_kwargs(requests),
-        replacement=config.absence,
-        remove_phrases=[config.classes.object_phrases(r) for r in requests],
+        replacement=config.counterfactual_replacement,
+        remove_phrases=[modifier_phrases(r.prompt, r.words, config.object_modifiers) for r in requests],
     )
     return [
         {"image": image, "negative_image": negative, "label": remap_label(mask, r.class_ids)}

@@ -62,10 +62,10 @@ def check_sampling_inputs(
     if not math.isfinite(float(guidance_scale)) or guidance_scale < 0:
         raise ValueError(f"guidance_scale must be 0 or more (1 or less: no guidance), got {guidance_scale!r}")
     if resolutions is not None:
-        available = attention_heights(pipe.unet, height // factor)
+        available = sorted(attention_heights(pipe.unet, height // factor))
         unknown = sorted({int(r) for r in resolutions} - set(available))
         if not resolutions or unknown:
             raise ValueError(
-                f"resolutions {list(resolutions)} are not attention-map heights of this model at {height}x{width}; "
-                f"choose among {available}"
+                f"resolutions {unknown or list(resolutions)} are not cross-attention map heights of this model at "
+                f"{height}x{width}; it has {available}: pass some of those, or None for all"
             )

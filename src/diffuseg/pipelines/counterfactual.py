@@ -44,6 +44,7 @@ from diffuseg.pipelines.diffumask import (
     recorded_attention,
     self_attention_height,
 )
+from diffuseg.models import pipeline_defaults
 from diffuseg.tokens import replace_words, replacement_token_alignment, token_weights
 
 DIFFERENCE_SOURCES = ("image", "latent")
@@ -207,7 +208,7 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        replacement: str = "nothing",
+        replacement: str | None = None,
         remove_phrases: Sequence[str] | Sequence[Sequence[str]] | None = None,
         self_attention_fraction: float = 0.4,
         cross_attention_fraction: float = 0.8,
@@ -247,11 +248,15 @@ class CounterfactualPipeline(StableDiffusionPipeline):
                 then (all background if it stopped before ``attention_steps`` began).
             replacement: what the class words become in the counterfactual prompt ("nothing", as
                 in MagicSeg, or a background phrase such as "empty grass"); must not contain them.
+                ``None``: the model's (:func:`diffuseg.models.model_defaults`: "background" for
+                ShapesWorld, whose empty scenes are captioned so; "nothing" for other models).
             remove_phrases: phrases replaced together with the class words, so that what describes
                 the object goes with it: ``["red car"]`` makes "a red car on the street" "a nothing on
                 the street", where the class word alone would leave "a red nothing", which a model may
                 still draw as something red. One list shared by all prompts or one list per prompt;
-                each phrase must occur in its prompt.
+                each phrase must occur in its prompt. ``None``: the model's object modifiers found in
+                each prompt before a class word (ShapesWorld's colours: "red circle"; none for other
+                models). ``diffuseg generate --pipeline counterfactual`` uses the same defaults.
             self_attention_fraction: fraction of the first denoising steps (of the schedule run) in
                 which the counterfactual reuses the positive's self-attention (the layout).
             cross_attention_fraction: fraction of the first steps in which it reuses the positive's
@@ -290,7 +295,12 @@ class CounterfactualPipeline(StableDiffusionPipeline):
             raise ValueError("`prompt` is required")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         words = DiffuMaskPipeline.check_class_names(prompts, class_names)
-        phrases = one_list_per_prompt(remove_phrases or [], len(prompts), "phrases to remove")
+        defaults = pipeline_defaults(self)
+        replacement = defaults.counterfactual_replacement if replacement is None else replacement
+        if remove_phrases is None:
+            phrases = [defaults.remove_phrases(p, w) for p, w in zip(prompts, words)]
+        else:
+            phrases = one_list_per_prompt(remove_phrases, len(prompts), "phrases to remove")
         removed = [[*w, *p] for w, p in zip(words, phrases)]  # what the counterfactual prompts replace
         height, width = default_size(self, height, width)
         check_sampling_inputs(self, height, width, num_inference_steps, guidance_scale, resolutions)

@@ -137,7 +137,7 @@ class DiffuMaskXLPipeline(DiffuMaskFamilyMixin, StableDiffusionXLPipeline):
     Maps: UNet cross-attention (both CLIP encoders share the 77 positions). At 1024² SDXL's
     attention levels are 32² and 64² (its finest level has no attention).
     ``DiffuMaskXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")`` or
-    ``custom_pipeline="pipelines/diffumask_xl"``.
+    ``custom_pipeline=diffuseg.community_pipeline("diffumask_xl")``.
     """
 
 
@@ -147,7 +147,7 @@ class DiffuMaskSD3Pipeline(DiffuMaskFamilyMixin, StableDiffusion3Pipeline):
     Maps: the image → text part of the joint attention (CLIP and T5 positions, one vote each;
     works without the T5 encoder), conditional branch of the guided batch, at the patch grid.
     ``DiffuMaskSD3Pipeline.from_pretrained("stabilityai/stable-diffusion-3.5-medium")`` or
-    ``custom_pipeline="pipelines/diffumask_sd3"``.
+    ``custom_pipeline=diffuseg.community_pipeline("diffumask_sd3")``.
     """
 
 
@@ -158,5 +158,5 @@ class DiffuMaskFluxPipeline(DiffuMaskFamilyMixin, FluxPipeline):
     blocks, at the 2×2-packed patch grid. FLUX-dev is guidance-distilled (one pass per step);
     with ``true_cfg_scale > 1`` and a ``negative_prompt`` the negative pass is not recorded.
     ``DiffuMaskFluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev")`` or
-    ``custom_pipeline="pipelines/diffumask_flux"``.
+    ``custom_pipeline=diffuseg.community_pipeline("diffumask_flux")``.
     """

@@ -31,6 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from diffuseg.attention import AttentionController, AttentionStore, attention_control
 from diffuseg.masks import aggregate_resolutions, upsample
+from diffuseg.models import pipeline_defaults
 from diffuseg.tokens import token_weights
 
 DEFAULT_TIMESTEP = 50
@@ -132,7 +133,9 @@ class MaskDiffusionSegPipeline(StableDiffusionPipeline):
                 a whole word, e.g. ``"a photo of a cat and a dog on the grass"`` for
                 ``["cat", "dog", "grass"]``: a model reads its words best in the kind of
                 caption it was trained on. Each name's attention is read at its own tokens.
-                Default: the names joined by " and ".
+                Default: the model's caption form (:meth:`diffuseg.models.ModelDefaults.segment_caption`;
+                ShapesWorld: "a picture of a circle and a square on a background") when it fits the
+                text encoder, else the names joined by " and ".
             background_prompt: a word for the background (e.g. ``"background"``), added to the
                 prompt as one more class. Its pixels get id ``len(class_names)``.
             background_threshold: pixels whose best class score (cosine similarity, in [-1, 1])
@@ -192,6 +195,11 @@ class MaskDiffusionSegPipeline(StableDiffusionPipeline):
 
         # 1. The prompt(s), encoded once for the whole call: the user's, or the class names
         # joined by " and ", over several prompts when they do not fit the text encoder.
+        if prompt is None and words:
+            background = words[-1] if len(words) > len(class_names) else None
+            prompt = pipeline_defaults(self).segment_caption(words[: len(class_names)], background)
+            if prompt is not None and len(self.tokenizer(prompt).input_ids) > self.tokenizer.model_max_length:
+                prompt = None  # too long for one pass: the names joined by " and ", in chunks
         if prompt is None:
             texts = [(PROMPT_SEPARATOR.join(chunk), chunk) for chunk in prompt_chunks(self.tokenizer, words)]
         else:

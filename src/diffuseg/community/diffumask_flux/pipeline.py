@@ -1,6 +1,9 @@
 """DiffuMaskFluxPipeline as a diffusers community pipeline.
 
-    DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/diffumask_flux", trust_remote_code=True)
+    DiffusionPipeline.from_pretrained(model, custom_pipeline=diffuseg.community_pipeline("diffumask_flux"),
+                                      trust_remote_code=True)
+
+From a clone's root, ``"pipelines/diffumask_flux"`` is the same folder (a link).
 
 The implementation lives in the installed ``diffuseg`` package (``pip install diffuseg``);
 this file exposes its one pipeline class to diffusers' custom-pipeline loader.

@@ -1,6 +1,9 @@
 """DiffuMaskSD3Pipeline as a diffusers community pipeline.
 
-    DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/diffumask_sd3", trust_remote_code=True)
+    DiffusionPipeline.from_pretrained(model, custom_pipeline=diffuseg.community_pipeline("diffumask_sd3"),
+                                      trust_remote_code=True)
+
+From a clone's root, ``"pipelines/diffumask_sd3"`` is the same folder (a link).
 
 The implementation lives in the installed ``diffuseg`` package (``pip install diffuseg``);
 this file exposes its one pipeline class to diffusers' custom-pipeline loader.

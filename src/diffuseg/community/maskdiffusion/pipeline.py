@@ -1,6 +1,10 @@
 """MaskDiffusion (training-free segmentation of real images) as a diffusers community pipeline.
 
-    DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/maskdiffusion", trust_remote_code=True)
+    DiffusionPipeline.from_pretrained(model, custom_pipeline=diffuseg.community_pipeline("maskdiffusion"),
+                                      trust_remote_code=True)
+
+``diffuseg.community_pipeline("maskdiffusion")`` is this folder's absolute path in the installed package; from a
+clone's root, ``"pipelines/maskdiffusion"`` is the same folder (a link).
 
 The implementation lives in the installed ``diffuseg`` package (``pip install diffuseg``);
 this file exposes its one pipeline class to diffusers' custom-pipeline loader.

@@ -1,6 +1,10 @@
 """MagicSeg-style counterfactual pairs as a diffusers community pipeline.
 
-    DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/counterfactual", trust_remote_code=True)
+    DiffusionPipeline.from_pretrained(model, custom_pipeline=diffuseg.community_pipeline("counterfactual"),
+                                      trust_remote_code=True)
+
+``diffuseg.community_pipeline("counterfactual")`` is this folder's absolute path in the installed package; from a
+clone's root, ``"pipelines/counterfactual"`` is the same folder (a link).
 
 The implementation lives in the installed ``diffuseg`` package (``pip install diffuseg``);
 this file exposes its one pipeline class to diffusers' custom-pipeline loader.

@@ -1,6 +1,9 @@
 """DiffuMaskXLPipeline as a diffusers community pipeline.
 
-    DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/diffumask_xl", trust_remote_code=True)
+    DiffusionPipeline.from_pretrained(model, custom_pipeline=diffuseg.community_pipeline("diffumask_xl"),
+                                      trust_remote_code=True)
+
+From a clone's root, ``"pipelines/diffumask_xl"`` is the same folder (a link).
 
 The implementation lives in the installed ``diffuseg`` package (``pip install diffuseg``);
 this file exposes its one pipeline class to diffusers' custom-pipeline loader.
