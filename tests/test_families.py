@@ -494,3 +494,30 @@ def test_controllers_can_edit_mmdit_attention(name):
     identity, silenced = ScaleTextAttention(1.0), ScaleTextAttention(0.0)
     assert torch.allclose(latents(identity), plain, atol=1e-5) and identity.calls > 0
     assert not torch.allclose(latents(silenced), plain, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- the commands pick the family
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+def test_generate_runs_diffumask_on_each_family_and_refuses_methods_it_cannot_serve(name, tmp_path, capsys):
+    from datasets import load_dataset
+
+    from diffuseg import cli
+
+    folder = save_tiny_pipeline(tmp_path / name, name, seed=0)
+    common = ["--model", folder, "--classes", "dog", "--images-per-class", "2", "--steps", "2",
+              "--height", "64", "--width", "64", "--threads", "1"]
+    assert cli.main(["generate", "--out", str(tmp_path / "set"), *common]) == 0
+    rows = load_dataset(str(tmp_path / "set"), split="train")
+    assert len(rows) == 2 and rows[0]["image"].size == (64, 64)
+    assert set(np.unique(np.asarray(rows[0]["label"]))) <= {0, 1, 255}
+
+    capsys.readouterr()
+    assert cli.main(["generate", "--out", str(tmp_path / "cf"), "--pipeline", "counterfactual", *common]) != 0
+    assert f"counterfactual does not run on {name} models" in capsys.readouterr().err
+
+    import PIL.Image
+
+    PIL.Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
+    assert cli.main(["segment", str(tmp_path / "photo.png"), "--classes", "dog", "--model", folder,
+                     "--out", str(tmp_path / "seg"), "--threads", "1"]) != 0
+    assert f"maskdiffusion does not run on {name} models" in capsys.readouterr().err

@@ -75,9 +75,13 @@ def load_pipeline(pipeline_class, model: str | os.PathLike | None = None, *, dty
     Safety checker and feature extractor are dropped: the outputs are training data, and
     the checker is an extra download most segmentation users do not want.
     """
-    kwargs.setdefault("safety_checker", None)
-    kwargs.setdefault("requires_safety_checker", False)
+    import inspect
+
     import torch
+
+    if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:  # SD 1.x/2.x only
+        kwargs.setdefault("safety_checker", None)
+        kwargs.setdefault("requires_safety_checker", False)
 
     pipe = pipeline_class.from_pretrained(
         resolve_model(model), dtype=dtype or torch.float32, use_safetensors=True, **kwargs

@@ -190,12 +190,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
+    from diffuseg.families import pipeline_class_for
     from diffuseg.models import load_pipeline
     from diffuseg.pipelines.maskdiffusion import image_to_tensor
     from diffuseg.visualize import overlay
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(MaskDiffusionSegPipeline, args.model, device=device)
+    pipe = load_pipeline(pipeline_class_for("maskdiffusion", args.model), args.model, device=device)
     pipe.set_progress_bar_config(desc="windows", unit="window", leave=False)
     max_side = MAX_SIDE_WINDOWS * pipe.check_window(args.window_size) if args.max_side is None else args.max_side
     options = dict(

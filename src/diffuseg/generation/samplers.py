@@ -33,10 +33,12 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def _load(pipeline_class, config: GenerationConfig, device, dtype):
+def _load(method: str, config: GenerationConfig, device, dtype):
+    """``config.model`` as the pipeline that runs ``method`` on its family (SD, SDXL, SD3, FLUX), safetensors only."""
+    from diffuseg.families import pipeline_class_for
     from diffuseg.models import load_pipeline
 
-    pipe = load_pipeline(pipeline_class, config.model, dtype=dtype, device=device)
+    pipe = load_pipeline(pipeline_class_for(method, config.model), config.model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -45,10 +47,8 @@ def _load(pipeline_class, config: GenerationConfig, device, dtype):
 
 
 def load_diffumask(config: GenerationConfig, device, dtype):
-    """``config.model`` as a :class:`~diffuseg.pipelines.DiffuMaskPipeline`, safetensors only."""
-    from diffuseg.pipelines.diffumask import DiffuMaskPipeline
-
-    return _load(DiffuMaskPipeline, config, device, dtype)
+    """``config.model`` as a :class:`~diffuseg.pipelines.DiffuMaskPipeline` (or its family's variant), safetensors only."""
+    return _load("diffumask", config, device, dtype)
 
 
 def generate_diffumask(pipe, requests: Sequence[SampleRequest], config: GenerationConfig) -> list[dict]:
@@ -65,10 +65,8 @@ def generate_diffumask(pipe, requests: Sequence[SampleRequest], config: Generati
 
 
 def load_freemask(config: GenerationConfig, device, dtype):
-    """``config.model`` as a :class:`~diffuseg.pipelines.FreeMaskEditPipeline`, safetensors only."""
-    from diffuseg.pipelines.freemask import FreeMaskEditPipeline
-
-    return _load(FreeMaskEditPipeline, config, device, dtype)
+    """``config.model`` as a :class:`~diffuseg.pipelines.FreeMaskEditPipeline` (or its family's variant), safetensors only."""
+    return _load("freemask", config, device, dtype)
 
 
 def generate_freemask(pipe, requests: Sequence[SampleRequest], config: GenerationConfig) -> list[dict]:
@@ -103,10 +101,8 @@ def generate_freemask(pipe, requests: Sequence[SampleRequest], config: Generatio
 
 
 def load_counterfactual(config: GenerationConfig, device, dtype):
-    """``config.model`` as a :class:`~diffuseg.pipelines.CounterfactualPipeline`, safetensors only."""
-    from diffuseg.pipelines.counterfactual import CounterfactualPipeline
-
-    return _load(CounterfactualPipeline, config, device, dtype)
+    """``config.model`` as a :class:`~diffuseg.pipelines.CounterfactualPipeline` (or its family's variant), safetensors only."""
+    return _load("counterfactual", config, device, dtype)
 
 
 def generate_counterfactual(pipe, requests: Sequence[SampleRequest], config: GenerationConfig) -> list[dict]:
