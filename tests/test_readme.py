@@ -144,6 +144,7 @@ PYTHON_MARKERS = (
     "diffuseg.capture(pipe", "load_default_model(DiffuMaskPipeline)", 'community_pipeline("diffumask")',
     "load_dataset(", 'community_pipeline("freemask")', 'community_pipeline("counterfactual")',
     "load_pipeline(MaskDiffusionSegPipeline", "load_mean_iou", "write_real_dataset(", "save_tiny_stable_diffusion(",
+    "DiffuMaskXLPipeline.from_pretrained(",
 )
 
 
@@ -294,3 +295,30 @@ def test_shapesworld_and_tiny_model_examples(workspace):
     assert {name: len(split) for name, split in real.items()} == {"train": 16, "validation": 8, "test": 8}
     namespace = exec_block(block("save_tiny_stable_diffusion("), workspace)
     assert type(namespace["pipe"]).__name__ == "DiffuMaskPipeline" and (workspace / "tiny-sd" / "model_index.json").is_file()
+
+
+def test_model_families_example_on_tiny_models_of_each_family(tmp_path):
+    """The SDXL / SD3.5 / FLUX block, with tiny local models in place of the Hub ids (and their
+    sizes: one attention level, one double-stream block, 2 steps)."""
+    from diffuseg.testing import save_tiny_pipeline
+
+    folders = {family: save_tiny_pipeline(tmp_path / family, family, seed=0) for family in ("sdxl", "sd3", "flux")}
+    code = block("DiffuMaskXLPipeline.from_pretrained(")
+    for old, new in {
+        '"stabilityai/stable-diffusion-xl-base-1.0"': repr(folders["sdxl"]),
+        '"stabilityai/stable-diffusion-3.5-medium"': repr(folders["sd3"]),
+        '"black-forest-labs/FLUX.1-dev"': repr(folders["flux"]),
+        '"black-forest-labs/FLUX.1-schnell"': repr(folders["flux"]),
+        "resolutions=(32, 64)": "resolutions=(16,), num_inference_steps=2",
+        "guidance_scale=4.5": "guidance_scale=4.5, num_inference_steps=2",
+        "blocks=range(19)": "blocks=range(1), num_inference_steps=2",
+        "num_inference_steps=4": "num_inference_steps=2",
+    }.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    namespace = exec_block(code, tmp_path)
+    out = namespace["out"]  # FLUX's, from concept maps
+    masks = np.stack([np.asarray(mask) for mask in out.masks])
+    width, height = out.images[0].size
+    assert masks.shape[1:] == (height, width) and set(np.unique(masks)) <= {0, 1, 2, 255}
+    assert namespace["maps"]["dog"].shape == (1, height, width)
