@@ -25,14 +25,26 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    FluxPipeline,
     LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
 )
 
-from diffuseg.pipelines import CounterfactualPipeline, DiffuMaskPipeline, FreeMaskEditPipeline
-from diffuseg.testing import tiny_components
+from diffuseg.pipelines import (
+    CounterfactualPipeline,
+    DiffuMaskFluxPipeline,
+    DiffuMaskPipeline,
+    DiffuMaskSD3Pipeline,
+    DiffuMaskXLPipeline,
+    FreeMaskEditPipeline,
+)
+from diffuseg.testing import tiny_components, tiny_flux_components, tiny_sd3_components, tiny_sdxl_components
 
 PROMPTS = ["a photo of a dog", "a cat on the grass"]
 CLASS_WORDS = {"a photo of a dog": ["dog"], "a cat on the grass": ["cat", "grass"]}
@@ -152,6 +164,26 @@ CASES = [
         checks=frozenset({"negative_prompt", "schedulers", "outputs", "save_load"}),
         **SD,
     ),
+]
+
+# The other families: each DiffuMask variant beside its family's own pipeline, with that family's schedulers.
+FLOW_SCHEDULERS = (
+    SchedulerCase("flow-euler", FlowMatchEulerDiscreteScheduler.from_config),
+    SchedulerCase("flow-heun", FlowMatchHeunDiscreteScheduler.from_config),
+)
+FLOW_CUSTOM_SCHEDULES = (
+    SchedulerCase("sigmas", FlowMatchEulerDiscreteScheduler.from_config, {"num_inference_steps": None, "sigmas": [1.0, 0.6]}),
+)
+DIFFUMASK_ARGUMENTS = dict(arguments=lambda p: {"prompt": p, "class_names": words_of(p)})
+CASES += [
+    ParityCase("diffumask-sdxl", DiffuMaskXLPipeline, StableDiffusionXLPipeline, tiny_sdxl_components,
+               **DIFFUMASK_ARGUMENTS),
+    ParityCase("diffumask-sd3", DiffuMaskSD3Pipeline, StableDiffusion3Pipeline, tiny_sd3_components,
+               schedulers=FLOW_SCHEDULERS, custom_schedules=FLOW_CUSTOM_SCHEDULES, **DIFFUMASK_ARGUMENTS),
+    # FLUX-dev is guidance-distilled: a negative prompt counts only with true_cfg_scale, not checked here.
+    ParityCase("diffumask-flux", DiffuMaskFluxPipeline, FluxPipeline, tiny_flux_components,
+               schedulers=FLOW_SCHEDULERS[:1], custom_schedules=FLOW_CUSTOM_SCHEDULES,
+               checks=ALL_CHECKS - {"negative_prompt", "negative_prompt_per_prompt"}, **DIFFUMASK_ARGUMENTS),
 ]
 
 
