@@ -17,7 +17,9 @@ Every stage is a command a user would type (``diffuseg generate / train / evalua
    (equal budgets: steps, batch, image size, learning rate, seed), scored on rendered test data;
 5. zero-shot: ``--unseen-classes`` ignored in the real training labels, kept in the synthetic
    sets; seen / unseen / harmonic mIoU;
-6. MagicSeg: counterfactual sets trained with and without the counterfactual loss;
+6. MagicSeg: counterfactual sets trained with and without the counterfactual loss
+   (``--counterfactual-loss``, ``--counterfactual-weight``); ``--counterfactual-sweep W ...``
+   adds one run per weight scored on the *validation* split, to choose the weight there;
 7. MaskDiffusion, training-free, on the rendered test images: with and without background
    handling, and unsupervised (k-means clusters Hungarian-matched to the labels).
 
@@ -51,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from diffuseg.shapesworld import ModelWorld, model_world
+from diffuseg.training import COUNTERFACTUAL_LOSSES
 
 PIPELINES = ("diffumask", "freemask", "counterfactual")
 PIPELINE_TITLES = {"diffumask": "DiffuMask", "freemask": "Free-Mask", "counterfactual": "Counterfactual"}
@@ -120,6 +123,12 @@ class Settings:
     """MaskDiffusion device (None: the script's default)."""
     model_source: str = "shapesworld"
     """The ``--model`` the snapshot was taken from."""
+    counterfactual_loss: str = "embedding"
+    """``diffuseg train --counterfactual-loss`` of the runs with counterfactual data."""
+    counterfactual_weight: float = 1.0
+    """Its weight in the test runs (MagicSeg's is 1); choose it with ``counterfactual_sweep``."""
+    counterfactual_sweep: tuple[float, ...] = ()
+    """Weights each trained on the Counterfactual set alone and scored on rendered validation (0 is always added)."""
 
 
 @dataclass
@@ -271,6 +280,11 @@ class Plan:
             self.test_run(f"zs-real+{pipeline}", [self.real, self.synth[pipeline]], unseen=True)
         self.test_run("nocf-synth-counterfactual", [self.synth["counterfactual"]], counterfactual_weight=0.0)
         self.test_run("nocf-real+counterfactual", [self.real, self.synth["counterfactual"]], counterfactual_weight=0.0)
+        # The weight is chosen on validation: the test split is not looked at for it.
+        for weight in self.sweep_weights:
+            key = sweep_key(weight)
+            self.train_run(key, [self.synth["counterfactual"]], size.train_steps, counterfactual_weight=weight)
+            self.evaluate(key, key, self.real, "validation", size.real_val_size, ["render"])
 
         test_images = size.real_test_size if size.maskdiffusion_images is None else min(size.maskdiffusion_images, size.real_test_size)
         for mode, (_, background_word) in MASKDIFFUSION_MODES.items():
@@ -287,6 +301,11 @@ class Plan:
                 argv += ["--device", settings.device]
             self.add(f"maskdiffusion/{mode}", "maskdiffusion", argv, test_images, [report], ["render", "snapshot"], report)
 
+    @property
+    def sweep_weights(self) -> list[float]:
+        """The validation sweep's weights, 0 (no loss) first; empty without ``counterfactual_sweep``."""
+        return sorted({0.0, *self.s.counterfactual_sweep}) if self.s.counterfactual_sweep else []
+
     def add(self, name, kind, argv, units, outputs=(), inputs=(), report=None) -> Stage:
         stage = Stage(name, kind, list(argv), float(units), list(outputs), list(inputs), report)
         self.stages.append(stage)
@@ -301,8 +320,13 @@ class Plan:
         return "render" if dataset == self.real else f"generate/{dataset.name}"
 
     def train_run(self, key: str, datasets: Sequence[Path], steps: int, unseen: bool = False,
-                  counterfactual_weight: float = 1.0) -> None:
-        """A ``diffuseg train`` stage; every run shares the budget except the step count given."""
+                  counterfactual_weight: float | None = None) -> None:
+        """A ``diffuseg train`` stage; every run shares the budget except the step count given.
+
+        ``counterfactual_weight`` None: the settings' weight.
+        """
+        if counterfactual_weight is None:
+            counterfactual_weight = self.s.counterfactual_weight
         output = self.models / key
         argv = self.diffuseg("train") + ["--train", *map(str, datasets)]
         if len(datasets) > 1:
@@ -310,7 +334,8 @@ class Plan:
         if unseen:
             argv += ["--unseen-classes", *self.s.unseen_classes]
         argv += [
-            "--counterfactual-weight", f"{counterfactual_weight:g}", "--config", "segformer-tiny",
+            "--counterfactual-weight", f"{counterfactual_weight:g}", "--counterfactual-loss", self.s.counterfactual_loss,
+            "--config", "segformer-tiny",
             "--image-size", str(self.image_size), "--batch-size", str(self.s.batch_size),
             "--learning-rate", f"{self.s.learning_rate:g}", "--max-steps", str(steps), "--seed", str(self.s.seed),
             "--checkpoint-steps", str(max(1, steps // 4)), "--resume", "--output-dir", str(output),
@@ -324,10 +349,16 @@ class Plan:
             argv += ["--unseen-classes", *self.s.unseen_classes]
         self.add(f"evaluate/{name}", "evaluate", argv + ["--json"], images, [], [f"train/{key}", *inputs])
 
-    def test_run(self, key: str, datasets: Sequence[Path], unseen: bool = False, counterfactual_weight: float = 1.0) -> None:
+    def test_run(self, key: str, datasets: Sequence[Path], unseen: bool = False,
+                 counterfactual_weight: float | None = None) -> None:
         """Train with the common budget, then score on the rendered test split."""
         self.train_run(key, datasets, self.s.size.train_steps, unseen, counterfactual_weight)
         self.evaluate(key, key, self.real, "test", self.s.size.real_test_size, ["render"], unseen)
+
+
+def sweep_key(weight: float) -> str:
+    """The model / stage key of the validation sweep's run at ``weight``."""
+    return f"cfsweep-{weight:g}"
 
 
 # =====================================================================================
@@ -662,8 +693,9 @@ def render_results(plan: Plan, records: Mapping[str, Record], *, command: str, d
     add(markdown_table(["training data", "seen mIoU", "unseen mIoU", "harmonic", "unseen ÷ seen"], table) + "\n")
 
     add("## 5. MagicSeg: the counterfactual loss\n")
-    add("Counterfactual sets with their `negative_image`, trained with `--counterfactual-weight 1` and `0`; "
-        "same budget.\n")
+    add(f"Counterfactual sets with their `negative_image`, trained with `--counterfactual-loss {s.counterfactual_loss}` "
+        f"(`{s.counterfactual_loss}`: {COUNTERFACTUAL_LOSSES.get(s.counterfactual_loss, '')}) at "
+        f"`--counterfactual-weight {s.counterfactual_weight:g}` and at `0`; same budget.\n")
     table = []
     for data, with_key, without_key in [("Counterfactual only", "synth-counterfactual", "nocf-synth-counterfactual"),
                                         ("real + Counterfactual", "real+counterfactual", "nocf-real+counterfactual")]:
@@ -672,6 +704,16 @@ def render_results(plan: Plan, records: Mapping[str, Record], *, command: str, d
         delta = None if with_loss is None or without is None else with_loss - without
         table.append([data, percent(without), percent(with_loss), "n/a" if delta is None else f"{100 * delta:+.1f}"])
     add(markdown_table(["training data", "mIoU without loss", "mIoU with loss", "difference"], table) + "\n")
+    if plan.sweep_weights:
+        add("Weight sweep on the rendered **validation** split (Counterfactual set only; the test split is not used "
+            "to choose the weight):\n")
+        sweep = [(weight, (results.get(f"evaluate/{sweep_key(weight)}") or {}).get("mean_iou")) for weight in plan.sweep_weights]
+        add(markdown_table(["counterfactual weight", "validation mIoU"], [[f"{w:g}", percent(v)] for w, v in sweep]) + "\n")
+        scored = [(v, w) for w, v in sweep if v is not None]
+        if scored:
+            best_value, best_weight = max(scored)
+            add(f"Best on validation: weight {best_weight:g} ({percent(best_value)}); rerun with "
+                f"`--counterfactual-weight {best_weight:g}` for its test rows.\n")
 
     add("## 6. MaskDiffusion, training-free\n")
     md_images = (results.get("maskdiffusion/background") or {}).get("num_images", "n/a")
@@ -758,6 +800,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.add_argument("--learning-rate", type=float, default=2e-3, help="segmenter learning rate (default: %(default)s)")
     common.add_argument("--gen-batch-size", type=int, default=4,
                         help="prompts per pipeline call in generate (default: %(default)s)")
+    common.add_argument("--counterfactual-loss", choices=sorted(COUNTERFACTUAL_LOSSES), default="embedding",
+                        help="form of the counterfactual loss in every run on counterfactual data (default: %(default)s)")
+    common.add_argument("--counterfactual-weight", type=float, default=1.0,
+                        help="its weight in the test runs (default: %(default)s, MagicSeg's)")
+    common.add_argument("--counterfactual-sweep", nargs="+", type=float, default=[], metavar="W",
+                        help="also train on the Counterfactual set at each weight W (and 0) and score on validation")
     common.add_argument("--unseen-classes", nargs="+", default=["triangle"], metavar="NAME",
                         help="zero-shot: shapes left out of the real training labels (default: triangle)")
     running = parser.add_argument_group("running")
@@ -781,7 +829,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         size=dataclasses.replace(preset, **overrides), seed=args.seed, image_size=args.image_size,
         batch_size=args.batch_size, learning_rate=args.learning_rate, gen_batch_size=args.gen_batch_size,
         unseen_classes=tuple(args.unseen_classes), accelerate=args.accelerate, device=args.device,
-        model_source=args.model,
+        model_source=args.model, counterfactual_loss=args.counterfactual_loss,
+        counterfactual_weight=args.counterfactual_weight, counterfactual_sweep=tuple(args.counterfactual_sweep),
     )
     return settings
 
