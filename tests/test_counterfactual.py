@@ -314,20 +314,56 @@ def test_generate_writes_the_negative_image_column(tmp_path, pipe):
 
 def test_generate_on_shapesworld_removes_the_coloured_shape(tmp_path):
     from datasets import load_dataset
+    from scipy import ndimage
 
     from diffuseg.generation import GenerationConfig, generate_dataset, parse_classes, to_uint8
     from diffuseg.models import load_default_model
+    from diffuseg.shapesworld.recognize import color_regions
 
     shipped = load_default_model(CounterfactualPipeline)
     shipped.set_progress_bar_config(disable=True)
     config = GenerationConfig(out=str(tmp_path / "ds"), classes=parse_classes("shapes"), images_per_class=1,
-                              pipeline="counterfactual", num_inference_steps=2, samples_per_shard=3)
+                              pipeline="counterfactual", num_inference_steps=10, samples_per_shard=3)
     assert generate_dataset(config, pipe=shipped, progress=False).kept == 3
     for row in load_dataset(str(tmp_path / "ds"), split="train"):
         words = row["prompt"].split()
         shape = next(w for w in words if w in config.classes.names)
         color = words[words.index(shape) - 1]
+        positive, negative = np.asarray(row["image"]), np.asarray(row["negative_image"])
+        # The geometric recogniser (no learned part) sees the prompted colour in the positive
+        # and no object at all in the negative: the shape is gone.
+        assert color in color_regions(positive), row["prompt"]
+        assert color_regions(negative) == {}, (row["prompt"], sorted(color_regions(negative)))
+        # And the rest of the scene is the positive's: outside the object (grown by a few pixels).
+        around = ndimage.binary_dilation(color_regions(positive)[color] | (np.asarray(row["label"]) > 0), iterations=3)
+        assert np.abs(positive.astype(float) - negative.astype(float))[~around].mean() < 8
         again = shipped(row["prompt"], class_names=[shape], replacement="background",
                         remove_phrases=[f"{color} {shape}"], generator=generator(row["seed"]), output_type="np",
-                        num_inference_steps=2, guidance_scale=config.guidance_scale)
-        np.testing.assert_allclose(np.asarray(row["negative_image"]), to_uint8(again.negative_images)[0], atol=1)
+                        num_inference_steps=10, guidance_scale=config.guidance_scale)
+        np.testing.assert_allclose(negative, to_uint8(again.negative_images)[0], atol=1)
+
+def test_background_blend_keeps_the_positive_outside_the_object_region():
+    from diffuseg.attention import AttentionStore
+    from diffuseg.pipelines.counterfactual import BackgroundBlend
+
+    store = AttentionStore(token_weights=torch.ones(2, 4, 1))  # 2 images, 1 class word each
+    attention = torch.full((2, 1, 8, 8), 0.05)
+    attention[0, 0, 1:3, 1:3] = 1.0  # image 0's object: top-left
+    attention[1, 0, 5:7, 4:6] = 1.0  # image 1's object: elsewhere
+    store.cross_sums, store.cross_counts = {(8, 8): attention.flatten(2)}, {(8, 8): 1}
+    blend = BackgroundBlend(store, [1, 1], "otsu", start_step=3, dilation=1)
+    region = blend.object_region((8, 8))
+    expected = torch.zeros(2, 1, 8, 8)
+    expected[0, 0, 0:4, 0:4] = 1  # the object, grown by one latent pixel
+    expected[1, 0, 4:8, 3:7] = 1
+    assert torch.equal(region, expected)
+
+    positive, counterfactual = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    early = blend(None, 1, 0, {"latents": torch.cat([positive, counterfactual])})["latents"]
+    assert torch.equal(early[2:], counterfactual)  # before start_step: untouched
+    calls = []
+    chained = blend.chain(lambda pipe, step, t, kwargs: calls.append(step) or kwargs)
+    blended = chained(None, 2, 0, {"latents": torch.cat([positive, counterfactual])})["latents"]
+    assert calls == [2] and torch.equal(blended[:2], positive)
+    assert torch.equal(blended[2:] * (1 - region), positive * (1 - region))
+    assert torch.equal(blended[2:] * region, counterfactual * region)

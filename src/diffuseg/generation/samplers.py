@@ -121,6 +121,9 @@ def generate_counterfactual(pipe, requests: Sequence[SampleRequest], config: Gen
         remove_phrases=[config.classes.object_phrases(r) for r in requests],
     )
     return [
-        {"image": image, "negative_image": negative, "label": remap_label(mask, r.class_ids)}
-        for image, negative, mask, r in zip(to_uint8(out.images), to_uint8(out.negative_images), out.masks, requests)
+        {"image": image, "negative_image": negative, "label": remap_label(mask, r.class_ids),
+         "counterfactual_agreement": float(agreement)}
+        for image, negative, mask, agreement, r in zip(
+            to_uint8(out.images), to_uint8(out.negative_images), out.masks, out.agreement, requests
+        )
     ]
