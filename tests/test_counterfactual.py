@@ -369,3 +369,22 @@ def test_background_blend_keeps_the_positive_outside_the_object_region():
     assert calls == [2] and torch.equal(blended[:2], positive)
     assert torch.equal(blended[2:] * (1 - region), positive * (1 - region))
     assert torch.equal(blended[2:] * region, counterfactual * region)
+
+
+def test_negatives_benchmark_reads_object_and_background_with_the_recogniser():
+    import importlib.util
+
+    from diffuseg.shapesworld.render import COLORS
+
+    spec = importlib.util.spec_from_file_location("counterfactual_negatives", Path(__file__).parents[1] / "benchmarks" / "counterfactual_negatives.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    background = np.full((64, 64, 3), 128, np.uint8)
+    positive, label = background.copy(), np.zeros((64, 64), np.uint8)
+    positive[20:40, 20:40], label[20:40, 20:40] = COLORS["red"], 2
+    good = bench.negative_verdicts(positive, background, label, 8.0)
+    assert good["no_object"] and good["background_kept"] and good["colors_left"] == []
+    framed = background.copy()
+    framed[:10], framed[20:30, 20:30] = 60, COLORS["green"]  # a dark band, and a green blob where the object was
+    bad = bench.negative_verdicts(positive, framed, label, 8.0)
+    assert not bad["no_object"] and bad["colors_left"] == ["green"] and not bad["background_kept"]
