@@ -13,10 +13,16 @@ Background: when the dataset has a "background" id, the pipeline gets a backgrou
 (``--background-threshold``); with neither, reference background pixels are not scored
 (the method then has no way to predict them, as in the paper).
 
-Unsupervised (``--clusters K|auto|gt``): k-means clusters per image (``gt``: as many as the
-image's reference has labels, the authors' protocol); each image's clusters are matched to
-its reference labels by the Hungarian algorithm on pixel overlap; unmatched clusters count
-as wrong. Scores come from ``diffuseg.metrics.mean_iou`` (the Hub ``mean_iou`` definitions).
+Open vocabulary: ``--attention-floor`` and ``--min-class-share`` are the pipeline's
+(prototype weights above a floor; classes whose region is too small are judged absent).
+
+Unsupervised (``--clusters K|auto|gt``): k-means clusters per image, ``auto`` choosing k by
+silhouette, ``gt`` taking it from the image's reference (an oracle). ``--matching split`` (the
+default, except with ``gt``) maps cluster ids (ordered by size in every image) to labels once
+for the whole split, by the Hungarian algorithm on the pixel overlap summed over all images,
+so nothing about an image's labels reaches its prediction; ``--matching image`` matches each
+image's clusters to its own labels (an oracle, the authors' protocol). Unmatched clusters
+count as wrong. Scores come from ``diffuseg.metrics.mean_iou`` (the Hub ``mean_iou`` definitions).
 """
 
 from __future__ import annotations
@@ -57,6 +63,24 @@ def match_clusters(clusters: np.ndarray, reference: np.ndarray, unmatched: int, 
     return table[cluster_index]
 
 
+def split_cluster_table(clusters: Sequence[np.ndarray], references: Sequence[np.ndarray], unmatched: int,
+                        ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """One cluster id -> label id table for a whole split: Hungarian on the summed pixel overlap.
+
+    Cluster ids left without a label (more ids than labels) map to ``unmatched``.
+    """
+    size = max(int(c.max()) for c in clusters) + 1
+    labels = np.unique(np.concatenate([r[r != ignore_index] for r in references]))
+    overlap = np.zeros((size, len(labels)), dtype=np.int64)
+    for cluster, reference in zip(clusters, references):
+        scored = reference != ignore_index
+        np.add.at(overlap, (cluster[scored], np.searchsorted(labels, reference[scored])), 1)
+    table = np.full(size, unmatched, dtype=np.int64)
+    rows, columns = linear_sum_assignment(overlap, maximize=True)
+    table[rows] = labels[columns]
+    return table
+
+
 def parse_clusters(value: str) -> int | str:
     if value in ("auto", "gt"):
         return value
@@ -76,7 +100,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--prompt", help="a prompt naming every class (and the background word) as a whole word "
                         "(default: the class names joined by ' and ')")
     parser.add_argument("--background-threshold", type=float, help="score floor below which pixels are background")
+    parser.add_argument("--attention-floor", type=float, default=0.0, help="prototype weights: attention above this floor only")
+    parser.add_argument("--min-class-share", type=float, default=0.0,
+                        help="named classes whose region covers less of the image are judged absent")
     parser.add_argument("--clusters", type=parse_clusters, help="unsupervised mode: K, 'auto' or 'gt' clusters per image")
+    parser.add_argument("--matching", choices=["split", "image"],
+                        help="unsupervised: one cluster-label matching for the split, or one per image (an oracle); "
+                             "default: image with --clusters gt, else split")
     parser.add_argument("--timesteps", default="50", help="comma-separated noise timesteps (default: 50)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per pipeline call (default: 4)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
@@ -92,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     class_names = [id2label[i] for i in class_ids]
     num_labels = max(id2label) + 1
     unsupervised = args.clusters is not None
+    matching = args.matching or ("image" if args.clusters == "gt" else "split")
     handles_background = bool(args.background_prompt) or args.background_threshold is not None
     ignore_background = bool(background_ids) and not unsupervised and not handles_background
 
@@ -101,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # Pipeline id -> dataset id: class k is class_ids[k]; the background id (len(classes)) is background.
     to_dataset = np.array([*class_ids, background_ids[0] if background_ids else IGNORE_INDEX], dtype=np.int64)
 
-    predictions, references = [], []
+    predictions, references, chosen_k, true_k = [], [], [], []
     for start in tqdm(range(0, len(dataset), args.batch_size), desc="segmenting", unit="batch"):
         rows = dataset[start : start + args.batch_size]
         labels = [np.asarray(label, dtype=np.int64) for label in rows["label"]]
@@ -112,18 +143,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 if k == "gt":
                     k = max(1, len(np.unique(label[label != IGNORE_INDEX])))
                 out = pipe(image, None, num_clusters=None if k == "auto" else k, timesteps=timesteps, generator=gen)
-                predictions.append(match_clusters(out.segmentation[0], label, unmatched=num_labels))
+                chosen_k.append(int(out.scores[0].shape[0]))
+                true_k.append(len(np.unique(label[label != IGNORE_INDEX])))
+                clusters = np.asarray(out.segmentation[0], dtype=np.int64)
+                predictions.append(match_clusters(clusters, label, unmatched=num_labels) if matching == "image" else clusters)
         else:
             out = pipe(
                 rows["image"], class_names, prompt=args.prompt, timesteps=timesteps, generator=generators,
                 background_prompt=(args.background_prompt or None) if background_ids else None,
                 background_threshold=args.background_threshold if background_ids else None,
+                attention_floor=args.attention_floor, min_class_share=args.min_class_share,
             )
             predictions += [to_dataset[segmentation] for segmentation in out.segmentation]
         if ignore_background:
             labels = [np.where(np.isin(label, background_ids), IGNORE_INDEX, label) for label in labels]
         references += labels
 
+    if unsupervised and matching == "split":
+        table = split_cluster_table(predictions, references, unmatched=num_labels)
+        predictions = [table[clusters] for clusters in predictions]
     metrics = mean_iou(predictions, references, num_labels=num_labels, ignore_index=IGNORE_INDEX)
     report = metrics_report(metrics, {i: id2label.get(i, str(i)) for i in range(num_labels)}, len(references))
     report.update(
@@ -131,7 +169,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         dataset=args.dataset, split=source.split, model=args.model, prompt=args.prompt, timesteps=timesteps,
         background="ignored" if ignore_background else ("scored" if background_ids else "none"),
         clusters=args.clusters if unsupervised else None,
+        matching=matching if unsupervised else None,
+        attention_floor=None if unsupervised else args.attention_floor,
+        min_class_share=None if unsupervised else args.min_class_share,
     )
+    if unsupervised:
+        report["mean_k"] = float(np.mean(chosen_k))
+        report["k_equals_labels"] = float(np.mean(np.equal(chosen_k, true_k)))
     print(
         f"MaskDiffusion ({report['mode']}) on {args.dataset} [{source.split}], model {args.model}, "
         f"timesteps {timesteps}, background {report['background']}"

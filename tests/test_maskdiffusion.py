@@ -17,7 +17,9 @@ from diffuseg.pipelines import MaskDiffusionSegOutput, MaskDiffusionSegPipeline
 from diffuseg.pipelines.maskdiffusion import (
     cluster_scores,
     image_to_tensor,
+    ABSENT_SCORE,
     kmeans,
+    present_class_scores,
     prompt_chunks,
     prototype_scores,
     silhouette_score,
@@ -96,6 +98,29 @@ def test_prototype_assignment_recovers_planted_regions():
     # Attention that points at the wrong region moves the class there (the assignment is not a constant).
     swapped = attention[[1, 0, 2]]
     assert torch.equal(prototype_scores(features, swapped[None]).argmax(dim=1)[0], torch.tensor([1, 0, 2])[regions])
+
+
+def test_a_named_class_absent_from_the_image_is_dropped_and_gives_its_pixels_back():
+    torch.manual_seed(0)
+    regions = planted_regions()  # classes 0, 1, 2 present; class 2 also in a small separate piece
+    directions = F.normalize(torch.randn(4, 16), dim=1)
+    features = directions[regions].permute(2, 0, 1) + 0.05 * torch.randn(16, *regions.shape)
+    features[:, 2:6, 2:6] += 0.6 * directions[3][:, None, None]  # the small piece looks a little different
+    inside = F.one_hot(regions, 3).permute(2, 0, 1).float()
+    # A 4th name, absent from the image: its attention peaks on the small piece of another object.
+    absent = torch.zeros(*regions.shape)
+    absent[2:6, 2:6] = 1.0
+    attention = torch.cat([inside + 0.3 * (1 - inside), absent[None]])
+    stolen = present_class_scores(features, attention).argmax(0)
+    assert (stolen[2:6, 2:6] == 3).all()  # without the presence decision the absent class takes the piece
+    scores = present_class_scores(features, attention, min_class_share=0.1)
+    assert torch.equal(scores.argmax(0), regions) and (scores[3] == ABSENT_SCORE).all()
+    # The background word's class (the last, outside `removable`) is never dropped, however small.
+    kept = present_class_scores(features, attention, min_class_share=0.1, removable=3)
+    assert torch.equal(kept.argmax(0), stolen)
+    # The floor: attention below it does not count toward a prototype.
+    floored = present_class_scores(features, attention[:3] * 0.5 + inside * 0.5, attention_floor=0.6)
+    assert torch.allclose(floored, prototype_scores(features[None], inside[None])[0], atol=1e-5)
 
 
 def test_kmeans_recovers_planted_clusters_deterministically():
@@ -439,6 +464,18 @@ def test_hungarian_matching_undoes_a_permutation():
     assert np.array_equal(matched[2:], reference[2:]) and matched[0, 0] == 9
 
 
+def test_split_matching_is_one_table_for_every_image():
+    evaluation = load_eval_script()
+    first = np.array([[0, 0, 2, 2]])
+    second = np.array([[0, 0, 0, 255]])
+    # Cluster 0 is class 0 in both images, cluster 1 class 2 in the first only: the split's
+    # table follows the summed overlap, and cluster 1 of the second image gets it too.
+    clusters = [np.array([[0, 0, 1, 1]]), np.array([[0, 1, 0, 0]])]
+    table = evaluation.split_cluster_table(clusters, [first, second], unmatched=9)
+    assert table.tolist() == [0, 2]
+    assert (table[clusters[1]] == [[0, 2, 0, 0]]).all()  # per image it would have been all 0
+
+
 def test_evaluation_script_reports_miou(tmp_path, model_folder, capsys):
     from diffuseg.data import DatasetWriter
 
@@ -461,3 +498,8 @@ def test_evaluation_script_reports_miou(tmp_path, model_folder, capsys):
     evaluation.main([str(dataset), "--model", model_folder, "--clusters", "gt", "--limit", "2", "--output", str(report_path)])
     report = json.loads(report_path.read_text())
     assert report["num_images"] == 2 and report["mode"] == "unsupervised" and 0.0 <= report["mean_iou"] <= 1.0
+    assert report["matching"] == "image" and report["k_equals_labels"] == 1.0  # gt: the oracle k and matching
+
+    evaluation.main([str(dataset), "--model", model_folder, "--clusters", "auto", "--output", str(report_path)])
+    report = json.loads(report_path.read_text())
+    assert report["matching"] == "split" and report["mean_k"] >= 2

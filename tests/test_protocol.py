@@ -47,10 +47,29 @@ def test_compared_runs_share_one_budget_and_zero_shot_runs_hold_out_classes(tmp_
     for name, argv in trains.items():
         assert ("--unseen-classes" in argv) == name.startswith("train/zs-"), name
         assert _flag(argv, "--counterfactual-weight") == ("0" if "nocf" in name else "1")
+        assert _flag(argv, "--counterfactual-loss") == "embedding"  # MagicSeg's form by default
     evaluations = {s.name: s.argv for s in plan.stages if s.kind == "evaluate"}
     assert _flag(evaluations["evaluate/zs-real+freemask"], "--unseen-classes") == "triangle"
     assert _flag(evaluations["evaluate/real"], "--split") == "test"
     assert _flag(evaluations["evaluate/oracle-on-diffumask"], "--split") == "train"  # the generated masks
+    maskdiffusion = {s.name: s.argv for s in plan.stages if s.kind == "maskdiffusion"}
+    assert _flag(maskdiffusion["maskdiffusion/clusters"], "--clusters") == "auto"  # k chosen by the method
+    assert _flag(maskdiffusion["maskdiffusion/oracle-clusters"], "--clusters") == "gt"
+    assert _flag(maskdiffusion["maskdiffusion/background"], "--min-class-share") == "0.12"
+
+
+def test_counterfactual_weight_sweep_is_scored_on_validation_only(tmp_path):
+    settings = protocol.Settings(work_dir=tmp_path / "work", size_name="quick", size=protocol.SIZES["quick"],
+                                 counterfactual_loss="absence", counterfactual_sweep=(0.3, 1.0))
+    plan = protocol.Plan(settings, WORLD)
+    sweep = {s.name: s.argv for s in plan.stages if "cfsweep" in s.name}
+    assert sorted(sweep) == ["evaluate/cfsweep-0", "evaluate/cfsweep-0.3", "evaluate/cfsweep-1",
+                             "train/cfsweep-0", "train/cfsweep-0.3", "train/cfsweep-1"]
+    for weight in ("0", "0.3", "1"):
+        assert _flag(sweep[f"train/cfsweep-{weight}"], "--counterfactual-weight") == weight
+        assert _flag(sweep[f"train/cfsweep-{weight}"], "--counterfactual-loss") == "absence"
+        assert _flag(sweep[f"evaluate/cfsweep-{weight}"], "--split") == "validation"
+    assert not [s for s in _plan(tmp_path).stages if "cfsweep" in s.name]  # no sweep unless asked
 
 
 def test_fingerprints_follow_inputs(tmp_path):
@@ -115,7 +134,8 @@ def test_ratios_targets_and_estimate():
     assert found["Free-Mask synthetic-only ÷ real-only mIoU"].verdict == "not met"
     assert found["Counterfactual synthetic-only ÷ real-only mIoU"].verdict == "not measured"
     assert found["DiffuMask zero-shot unseen ÷ seen mIoU (triangle unseen)"].value == pytest.approx(0.5)
-    assert found["MaskDiffusion mIoU (open vocabulary, background word)"].verdict == "met"
+    assert found["MaskDiffusion mIoU (open vocabulary, background word, presence decided)"].verdict == "met"
+    assert not [name for name in found if "oracle" in name]  # an oracle figure is no target
 
     def stage(name, kind, units):
         return protocol.Stage(name, kind, [], units)
@@ -165,6 +185,23 @@ def test_results_file_is_written_from_the_records(tmp_path):
     assert "3 stages reused" in text
     assert text.count("diffuseg train ") == 14  # every command is listed
     assert "| Counterfactual | n/a |" in text
+    assert "Weight sweep" not in text
+
+
+def test_results_show_the_validation_sweep_and_its_best_weight(tmp_path):
+    settings = protocol.Settings(work_dir=tmp_path / "work", size_name="quick", size=protocol.SIZES["quick"],
+                                 counterfactual_sweep=(0.1, 1.0))
+    plan = protocol.Plan(settings, WORLD)
+    scores = {"evaluate/cfsweep-0": 0.60, "evaluate/cfsweep-0.1": 0.64, "evaluate/cfsweep-1": 0.50}
+    records = {stage.name: protocol.Record(stage.name, "f", 1.0, {"mean_iou": scores[stage.name]} if stage.name in scores else None)
+               for stage in plan.stages}
+    text = protocol.render_results(
+        plan, records, command="x", default_estimate=None, snapshot_seconds=0.0, wall_seconds=1.0, machine_info={},
+        commit="abc", now="now", rows={p: None for p in protocol.PIPELINES},
+    )
+    assert "| 0 | 60.0 |\n| 0.1 | 64.0 |\n| 1 | 50.0 |" in text
+    assert "Best on validation: weight 0.1 (64.0)" in text
+    assert "`--counterfactual-loss embedding`" in text
 
 
 @pytest.mark.slow

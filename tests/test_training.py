@@ -17,7 +17,15 @@ from safetensors.torch import load_file
 
 from diffuseg import cli
 from diffuseg.evaluation import load_segmentation_model
-from diffuseg.training import MODEL_PRESETS, TrainingArguments, counterfactual_loss, train
+from diffuseg.training import (
+    MODEL_PRESETS,
+    TrainingArguments,
+    build_model,
+    counterfactual_absence_loss,
+    counterfactual_embedding_loss,
+    train,
+    training_loss,
+)
 from diffuseg.training_data import (
     IGNORE_INDEX,
     MixtureSampler,
@@ -297,8 +305,57 @@ def test_counterfactual_batch_and_loss(data):
     says_square[:, 1] = 8.0
     says_background = torch.zeros(1, 3, 4, 4)
     says_background[:, 0] = 8.0
-    assert counterfactual_loss(says_square, classes) > 5 > 0.01 > counterfactual_loss(says_background, classes)
-    assert counterfactual_loss(says_square, torch.zeros(1, 3)) == 0
+    assert counterfactual_absence_loss(says_square, classes) > 5 > 0.01 > counterfactual_absence_loss(says_background, classes)
+    assert counterfactual_absence_loss(says_square, torch.zeros(1, 3)) == 0
+
+
+def test_embedding_loss_contrasts_the_object_region_with_the_same_region_of_the_counterfactual():
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, :4, :4] = 1  # the object: top-left quarter, class 1
+    classes = torch.tensor([[0.0, 1.0]])
+    positive = torch.randn(1, 6, 4, 4)
+    # The same features inside the region: cosine 1, whatever happens outside it.
+    negative = torch.randn(1, 6, 4, 4)
+    negative[..., :2, :2] = positive[..., :2, :2]
+    assert torch.isclose(counterfactual_embedding_loss(positive, negative, labels, classes), torch.tensor(1.0))
+    # Opposite inside the region: cosine -1, clamped at 0 (MagicSeg's max(0, cos)).
+    negative[..., :2, :2] = -positive[..., :2, :2]
+    assert counterfactual_embedding_loss(positive, negative, labels, classes) == 0
+    # Orthogonal halves give the cosine itself.
+    positive = torch.zeros(1, 2, 4, 4)
+    positive[:, 0] = 1.0
+    negative = torch.zeros(1, 2, 4, 4)
+    negative[:, 0], negative[:, 1] = 1.0, 1.0
+    assert torch.isclose(counterfactual_embedding_loss(positive, negative, labels, classes), torch.tensor(2**-0.5))
+    # A class with no pixels left (cropped away) is skipped: nothing to contrast.
+    assert counterfactual_embedding_loss(positive, negative, torch.zeros_like(labels), classes) == 0
+
+
+def test_training_loss_pairs_each_negative_with_its_own_positive_in_a_mixed_batch(data):
+    sources = [load_source(data["real"]), load_source(data["syn"])]
+    space = build_label_space(sources)
+    lookups, _ = training_label_lookups(sources, space)
+    samples = SegmentationSamples(sources, lookups, SampleTransform(32), num_labels=3, background_id=0, with_negatives=True)
+    real_count = len(sources[0].dataset)
+    batch = collate_segmentation([samples[0], samples[real_count], samples[1], samples[real_count + 1]])
+    assert batch["negative_index"].tolist() == [1, 3]  # rows 0 and 2 are real: no counterfactual
+
+    torch.manual_seed(0)
+    model = build_model(space, None, config="segformer-tiny").eval()  # no drop-path, fixed batch-norm: comparable passes
+    plain = training_loss(model, batch, 0.0)
+    both = model(pixel_values=torch.cat([batch["pixel_values"], batch["negative_pixel_values"]]), output_hidden_states=True)
+    features = both.hidden_states[-1]
+    expected = counterfactual_embedding_loss(
+        features[[1, 3]], features[4:], batch["labels"][[1, 3]], batch["negative_classes"]
+    )
+    assert 0 < expected < 1
+    with_loss = training_loss(model, batch, 2.0, "embedding")
+    assert torch.isclose(with_loss, plain + 2.0 * expected, atol=1e-5)
+    with_loss.backward()  # the contrast reaches the encoder through both images
+    first_layer = next(p for name, p in model.named_parameters() if "patch_embeddings" in name)
+    assert first_layer.grad.abs().sum() > 0
+    absence = training_loss(model, batch, 1.0, "absence")
+    assert absence > plain
 
 
 def test_tensorboard_logging_when_asked(data, tmp_path):

@@ -12,8 +12,11 @@ Two additions to the plain recipe:
   sets (synthetic sets keep them: that is what they are for) and evaluation reports seen,
   unseen and harmonic mIoU;
 - counterfactual loss: for sets with a ``negative_image`` (the same scene without the
-  sample's objects, MagicSeg-style), ``counterfactual_weight`` times the mean over the
-  sample's classes of ``-log(1 - p_class)`` on the counterfactual image's pixels.
+  sample's objects, MagicSeg-style), ``counterfactual_weight`` times either MagicSeg's
+  contrast of embeddings (``"embedding"``, the default: the cosine similarity, clamped at 0,
+  of each object's pooled features and those of the same region of the counterfactual) or
+  the pixel-absence form (``"absence"``: ``-log(1 - p_class)`` over the counterfactual's
+  pixels).
 """
 
 from __future__ import annotations
@@ -74,6 +77,12 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 CHECKPOINTS = "checkpoints"
 TRACKER_RUN = "diffuseg-train"
 """Run name of the trackers: their logs go to ``output_dir/diffuseg-train``."""
+COUNTERFACTUAL_LOSSES = {
+    "embedding": "MagicSeg's contrast: cosine similarity, clamped at 0, of each object's region embedding "
+    "in the positive and the same region's in the counterfactual",
+    "absence": "-log(1 - p_class) over every pixel of the counterfactual",
+}
+"""Forms of the counterfactual loss (``--counterfactual-loss``) and what each computes."""
 
 
 @dataclass
@@ -101,6 +110,8 @@ class TrainingArguments:
     """Training sets that are real data (zero-shot: unseen classes ignored); default: those whose ``pipeline`` column is absent, empty or ``render`` (ground truth)."""
     unseen_classes: list[str] | None = None
     counterfactual_weight: float = 1.0
+    counterfactual_loss: str = "embedding"
+    """``"embedding"`` (MagicSeg's cosine contrast) or ``"absence"``; see :data:`COUNTERFACTUAL_LOSSES`."""
     image_size: int = 512
     crop_scale: tuple[float, float] = (0.5, 2.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -141,6 +152,8 @@ class TrainingArguments:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             raise ValueError(f"crop scale and ratio must be positive (min, max) ranges, got {self.crop_scale} and {self.crop_ratio}")
+        if self.counterfactual_loss not in COUNTERFACTUAL_LOSSES:
+            raise ValueError(f"--counterfactual-loss must be one of {', '.join(COUNTERFACTUAL_LOSSES)}, got {self.counterfactual_loss!r}")
         if self.real_train and set(self.real_train) - set(self.train):
             raise ValueError(f"--real-train names {sorted(set(self.real_train) - set(self.train))}, which are not --train datasets")
         if self.report_to == "tensorboard" and not (
@@ -269,7 +282,7 @@ def train(args: TrainingArguments) -> TrainingResult:
         batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         started = time.perf_counter()
         for batch in batches:
-            loss = training_loss(model, batch, args.counterfactual_weight)
+            loss = training_loss(model, batch, args.counterfactual_weight, args.counterfactual_loss)
             accelerator.backward(loss)
             if args.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -400,7 +413,7 @@ def add_lora(model, rank: int, alpha: int, dropout: float, target_modules: Seque
         ) from error
 
 
-def counterfactual_loss(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+def counterfactual_absence_loss(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Mean over (image, class) pairs of the pixel mean of ``-log(1 - p_class)``.
 
     ``logits`` (N, C, h, w) of counterfactual images, ``classes`` (N, C) multi-hot: the
@@ -411,7 +424,57 @@ def counterfactual_loss(logits: torch.Tensor, classes: torch.Tensor) -> torch.Te
     return (absence * classes).sum() / classes.sum().clamp(min=1)
 
 
-def training_loss(model, batch: Mapping[str, torch.Tensor], counterfactual_weight: float) -> torch.Tensor:
+def counterfactual_embedding_loss(
+    positive_features: torch.Tensor,
+    negative_features: torch.Tensor,
+    labels: torch.Tensor,
+    classes: torch.Tensor,
+    label_sizes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MagicSeg's contrast: mean over (image, class) pairs of ``max(0, cos(e+, e-))``.
+
+    ``e+`` is the positive image's feature map ``(N, D, h, w)`` averaged over the class's region
+    (its pixels in ``labels`` (N, H, W), area-weighted onto the feature grid), ``e-`` the
+    counterfactual's features averaged over the *same* region, where it shows the background
+    that replaced the object. ``classes`` (N, C) multi-hot names the removed classes;
+    ``label_sizes`` (N, 2), when labels were padded, their true sizes. Pairs whose region
+    is empty (the class lost to the crop) are skipped; 0 when none is left.
+    """
+    height, width = positive_features.shape[-2:]
+    pairs = classes.nonzero().tolist()
+    positives, negatives = [], []
+    for image, class_id in pairs:
+        label = labels[image]
+        if label_sizes is not None:
+            label = label[: int(label_sizes[image, 0]), : int(label_sizes[image, 1])]
+        region = (label == class_id).float()[None, None]
+        weights = torch.nn.functional.interpolate(region, size=(height, width), mode="area")[0, 0]
+        if weights.sum() <= 0:
+            continue
+        weights = weights / weights.sum()
+        positives.append((positive_features[image].float() * weights).sum((1, 2)))
+        negatives.append((negative_features[image].float() * weights).sum((1, 2)))
+    if not positives:
+        return positive_features.sum() * 0.0  # keeps the graph (DDP wants every parameter used)
+    similarity = torch.nn.functional.cosine_similarity(torch.stack(positives), torch.stack(negatives), dim=-1)
+    return similarity.clamp(min=0).mean()
+
+
+def feature_map(outputs) -> torch.Tensor:
+    """The deepest encoder feature map ``(N, D, h, w)`` of a segmentation model's outputs
+    (called with ``output_hidden_states=True``): what MagicSeg's embedding contrast pools."""
+    hidden = getattr(outputs, "hidden_states", None)
+    if not hidden or hidden[-1].dim() != 4:
+        raise ValueError(
+            "--counterfactual-loss embedding needs a model whose hidden_states are (N, D, h, w) feature maps "
+            "(SegFormer's are); use --counterfactual-loss absence with this model"
+        )
+    return hidden[-1]
+
+
+def training_loss(
+    model, batch: Mapping[str, torch.Tensor], counterfactual_weight: float, counterfactual_loss: str = "embedding"
+) -> torch.Tensor:
     """The model's own loss, plus the weighted counterfactual term when the batch has negatives."""
     pixel_values, labels = batch["pixel_values"], batch["labels"]
     negatives = batch.get("negative_pixel_values")
@@ -420,8 +483,22 @@ def training_loss(model, batch: Mapping[str, torch.Tensor], counterfactual_weigh
     # One forward pass for both (DDP expects one per step). Counterfactual labels are all
     # ignored, so the model's loss is exactly that of the positive images.
     ignored = torch.full((len(negatives), *labels.shape[1:]), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
-    outputs = model(pixel_values=torch.cat([pixel_values, negatives]), labels=torch.cat([labels, ignored]))
-    counterfactual = counterfactual_loss(outputs.logits[len(pixel_values) :], batch["negative_classes"])
+    embedding = counterfactual_loss == "embedding"
+    outputs = model(
+        pixel_values=torch.cat([pixel_values, negatives]),
+        labels=torch.cat([labels, ignored]),
+        output_hidden_states=embedding,
+    )
+    classes = batch["negative_classes"]
+    if embedding:
+        features = feature_map(outputs)
+        index = batch.get("negative_index", torch.arange(len(negatives), device=features.device))
+        sizes = batch.get("label_sizes")
+        counterfactual = counterfactual_embedding_loss(
+            features[index], features[len(pixel_values) :], labels[index], classes, None if sizes is None else sizes[index]
+        )
+    else:
+        counterfactual = counterfactual_absence_loss(outputs.logits[len(pixel_values) :], classes)
     return outputs.loss + counterfactual_weight * counterfactual
 
 
@@ -551,7 +628,7 @@ def write_model_card(
     if args.unseen_classes:
         lines += ["", f"Zero-shot protocol: unseen classes {', '.join(args.unseen_classes)} were ignored in the real training data."]
     if any(source.has_negatives for source in train_sources) and args.counterfactual_weight > 0:
-        lines += ["", f"Counterfactual loss weight: {args.counterfactual_weight}."]
+        lines += ["", f"Counterfactual loss: {args.counterfactual_loss}, weight {args.counterfactual_weight}."]
     lines += ["", "## Labels", "", ", ".join(f"{label_id}: {name}" for label_id, name in label_space.items()), ""]
     if eval_results:
         lines += ["## Evaluation", ""]

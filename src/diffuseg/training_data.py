@@ -444,7 +444,7 @@ class SegmentationSamples(Dataset):
 
 def collate_segmentation(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack a batch; labels of different sizes are padded with the ignore index, negatives
-    are stacked from the rows that have one."""
+    are stacked from the rows that have one, ``negative_index`` giving those rows' positions."""
     batch = {"pixel_values": torch.stack([item["pixel_values"] for item in items])}
     sizes = [tuple(item["labels"].shape) for item in items]
     if len(set(sizes)) == 1:
@@ -459,6 +459,8 @@ def collate_segmentation(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, 
     if negatives:
         batch["negative_pixel_values"] = torch.stack([item["negative_pixel_values"] for item in negatives])
         batch["negative_classes"] = torch.stack([item["negative_classes"] for item in negatives])
+        # Which positive each negative belongs to (not every row of a mixed batch has one).
+        batch["negative_index"] = torch.tensor([i for i, item in enumerate(items) if "negative_pixel_values" in item])
     return batch
 
 

@@ -108,6 +108,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          help="transformers segmentation model (folder or Hub id) whose predictions the masks are compared with")
     filters.add_argument("--agreement-min-iou", type=float, metavar="F",
                          help="reject samples whose IoU with the agreement model is below F (Free-Mask: 0.5)")
+    filters.add_argument("--counterfactual-min-agreement", type=float, metavar="F",
+                         help="counterfactual pairs: reject those whose attention and pair difference agree less "
+                              "than F (IoU): the object was not removed")
     filters.add_argument("--agreement-keep", type=float, metavar="F",
                          help="keep the best F of each shard by agreement IoU (DiffuMask's noise learning: 0.3)")
 
@@ -158,6 +161,7 @@ def config_from_args(args: argparse.Namespace):
         agreement_model=args.agreement_model,
         agreement_min_iou=args.agreement_min_iou,
         agreement_keep=args.agreement_keep,
+        counterfactual_min_agreement=args.counterfactual_min_agreement,
         mosaic=args.mosaic,
         mosaic_fraction=args.mosaic_fraction,
         batch_size=args.batch_size,

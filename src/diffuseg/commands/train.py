@@ -16,7 +16,13 @@ HELP = "train a segmentation model (any transformers AutoModelForSemanticSegment
 
 
 def add_parser(subparsers) -> None:
-    from diffuseg.training import DEFAULT_LORA_TARGETS, DEFAULT_SEGMENTATION_MODEL, MODEL_PRESETS, TrainingArguments
+    from diffuseg.training import (
+        COUNTERFACTUAL_LOSSES,
+        DEFAULT_LORA_TARGETS,
+        DEFAULT_SEGMENTATION_MODEL,
+        MODEL_PRESETS,
+        TrainingArguments,
+    )
 
     defaults = TrainingArguments(train=[])
     parser = subparsers.add_parser(
@@ -42,6 +48,7 @@ def add_parser(subparsers) -> None:
     data.add_argument("--unseen-classes", nargs="+", metavar="NAME", help="zero-shot: classes ignored in the real training data; evaluation adds seen/unseen/harmonic mIoU")
     data.add_argument("--real-train", nargs="+", metavar="DATASET", help="training datasets that are real data (default: those whose 'pipeline' column is absent, empty or 'render')")
     data.add_argument("--counterfactual-weight", type=float, default=defaults.counterfactual_weight, help="weight of the counterfactual loss on datasets with a negative_image column (0: off)")
+    data.add_argument("--counterfactual-loss", choices=list(COUNTERFACTUAL_LOSSES), default=defaults.counterfactual_loss, help="form of the counterfactual loss: " + "; ".join(f"{name}: {what}" for name, what in COUNTERFACTUAL_LOSSES.items()))
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", help=f"pretrained model to fine-tune, Hub id or folder (default: {DEFAULT_SEGMENTATION_MODEL})")

@@ -51,6 +51,9 @@ class GenerationConfig:
         agreement_model: segmentation model to compare masks with (transformers).
         agreement_min_iou: reject samples whose agreement IoU is below this (Free-Mask: 0.5).
         agreement_keep: keep this best fraction of each shard by agreement IoU (DiffuMask: 0.3).
+        counterfactual_min_agreement: counterfactual pairs only: reject those whose two mask
+            signals (the class words' attention and where the pair differs) agree less than this
+            (IoU): the object was not removed, or something else changed.
         mosaic: 2 or 3 for 2×2 / 3×3 mosaics of kept samples (``None``: none).
         mosaic_fraction: mosaics added per generated sample (per shard).
         batch_size: prompts per pipeline call (does not change the data on a given device).
@@ -85,6 +88,7 @@ class GenerationConfig:
     agreement_model: str | None = None
     agreement_min_iou: float | None = None
     agreement_keep: float | None = None
+    counterfactual_min_agreement: float | None = None
     mosaic: int | None = None
     mosaic_fraction: float = 0.25
     batch_size: int = 1
@@ -125,6 +129,8 @@ class GenerationConfig:
             raise ValueError(f"--agreement-min-iou must be in [0, 1], got {self.agreement_min_iou}")
         if self.agreement_keep is not None and not 0.0 < self.agreement_keep <= 1.0:
             raise ValueError(f"--agreement-keep must be in (0, 1], got {self.agreement_keep}")
+        if self.counterfactual_min_agreement is not None and not 0.0 <= self.counterfactual_min_agreement <= 1.0:
+            raise ValueError(f"--counterfactual-min-agreement must be in [0, 1], got {self.counterfactual_min_agreement}")
         if (self.agreement_min_iou is not None or self.agreement_keep is not None) and not self.agreement_model:
             raise ValueError("--agreement-min-iou / --agreement-keep need --agreement-model")
         if self.mosaic is not None and self.mosaic not in (2, 3):

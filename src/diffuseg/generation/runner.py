@@ -161,13 +161,16 @@ def _make_block(block, plan: WorkPlan, spec: PipelineSpec, pipe, prompter, token
 
     # Filters, in order; the first that fails is the recorded reason.
     rejected: dict[int, str] = {}
-    for request, _, stats in results:
+    for request, sample, stats in results:
         if stats["mask_area"] < config.min_mask_area:
             rejected[request.index] = "min_mask_area"
         elif stats["ignore_fraction"] > config.max_ignore_fraction:
             rejected[request.index] = "max_ignore_fraction"
         elif config.agreement_min_iou is not None and stats["agreement_iou"] < config.agreement_min_iou:
             rejected[request.index] = "agreement_min_iou"
+        elif (config.counterfactual_min_agreement is not None
+              and sample.get("counterfactual_agreement", 1.0) < config.counterfactual_min_agreement):
+            rejected[request.index] = "counterfactual_min_agreement"
     if config.agreement_keep is not None:
         # DiffuMask's noise learning: keep the best-agreeing fraction (ranked within the block).
         passing = [(-stats["agreement_iou"], r.index) for r, _, stats in results if r.index not in rejected]

@@ -120,6 +120,9 @@ def generate_counterfactual(pipe, requests: Sequence[SampleRequest], config: Gen
         remove_phrases=[modifier_phrases(r.prompt, r.words, config.object_modifiers) for r in requests],
     )
     return [
-        {"image": image, "negative_image": negative, "label": remap_label(mask, r.class_ids)}
-        for image, negative, mask, r in zip(to_uint8(out.images), to_uint8(out.negative_images), out.masks, requests)
+        {"image": image, "negative_image": negative, "label": remap_label(mask, r.class_ids),
+         "counterfactual_agreement": float(agreement)}
+        for image, negative, mask, agreement, r in zip(
+            to_uint8(out.images), to_uint8(out.negative_images), out.masks, out.agreement, requests
+        )
     ]

@@ -104,6 +104,8 @@ class MaskDiffusionSegPipeline(StableDiffusionPipeline):
         prompt: str | None = None,
         background_prompt: str | None = None,
         background_threshold: float | None = None,
+        attention_floor: float = 0.0,
+        min_class_share: float = 0.0,
         timesteps: int | Sequence[int] = DEFAULT_TIMESTEP,
         num_noise_draws: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -140,6 +142,15 @@ class MaskDiffusionSegPipeline(StableDiffusionPipeline):
                 prompt as one more class. Its pixels get id ``len(class_names)``.
             background_threshold: pixels whose best class score (cosine similarity, in [-1, 1])
                 is below this get id ``len(class_names)``.
+            attention_floor: in ``[0, 1)``: a class's attention (max-normalised) counts toward its
+                prototype only above this floor (``A - floor``, clipped at 0), so a word's diffuse
+                attention on the rest of the image does not pull its prototype there.
+            min_class_share: in ``[0, 1)``: decides which named classes are present. A class whose
+                arg-max region covers less than this fraction of the image is taken as absent and
+                the pixels are reassigned among the others (repeatedly, the smallest first). A
+                name absent from the image still gets a prototype (its attention lands on some
+                object), which otherwise steals that object's pixels. The background word's
+                class is never removed.
             timesteps: timestep(s) the latent is noised to (0 … the scheduler's
                 ``num_train_timesteps - 1``); several are averaged, one UNet pass each.
             num_noise_draws: noise draws per timestep, averaged (one UNet pass each).
@@ -179,6 +190,9 @@ class MaskDiffusionSegPipeline(StableDiffusionPipeline):
             if num_clusters is not None:
                 raise ValueError("num_clusters is for the unsupervised mode: pass class_names=None to cluster")
             words = self.check_class_names(class_names, background_prompt)
+        for name, value in (("attention_floor", attention_floor), ("min_class_share", min_class_share)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
         timesteps = self.check_timesteps(timesteps)
         levels = self.attention_levels(attention_resolutions) if words else []
         blocks = self.check_feature_blocks(feature_blocks)
@@ -231,7 +245,10 @@ class MaskDiffusionSegPipeline(StableDiffusionPipeline):
                         cluster_generator = None if batch_generators is None else batch_generators[j]
                         scores = cluster_scores(features[j], num_clusters, max_clusters, cluster_generator)
                     else:
-                        scores = prototype_scores(features[j : j + 1], attention[j : j + 1])[0]
+                        keep = len(class_names) if len(words) > len(class_names) else None
+                        scores = present_class_scores(
+                            features[j], attention[j], attention_floor, min_class_share, removable=keep
+                        )
                     scores = upsample(scores, tuple(images[i].shape[-2:]))
                     if background_threshold is not None:
                         floor = torch.full_like(scores[:1], float(background_threshold))
@@ -517,6 +534,40 @@ def prototype_scores(features: torch.Tensor, attention: torch.Tensor, eps: float
     prototypes = torch.bmm(weights, flat.transpose(1, 2)) / weights.sum(dim=-1, keepdim=True).clamp_min(eps)
     scores = torch.bmm(F.normalize(prototypes, dim=-1), flat)  # (B, C, N)
     return scores.reshape(batch, -1, height, width)
+
+
+ABSENT_SCORE = -2.0
+"""The score of a class judged absent: below any cosine similarity, so it never wins a pixel."""
+
+
+def present_class_scores(
+    features: torch.Tensor,
+    attention: torch.Tensor,
+    attention_floor: float = 0.0,
+    min_class_share: float = 0.0,
+    removable: int | None = None,
+) -> torch.Tensor:
+    """Prototype scores ``(C, h, w)`` of one image, classes judged absent set to :data:`ABSENT_SCORE`.
+
+    ``features`` ``(D, h, w)``, ``attention`` ``(C, h, w)`` max-normalised. Attention below
+    ``attention_floor`` does not count toward a prototype. Then, while the smallest arg-max
+    region of the first ``removable`` classes (all when None) covers less than
+    ``min_class_share`` of the image, that class is dropped and the prototypes of the rest
+    are recomputed (a dropped class no longer shares its pixels' competition).
+    """
+    weights = (attention - attention_floor).clamp_min(0) if attention_floor > 0 else attention
+    removable = attention.shape[0] if removable is None else removable
+    present = torch.ones(attention.shape[0], dtype=torch.bool, device=attention.device)
+    while True:
+        scores = prototype_scores(features[None], weights[None] * present[None, :, None, None])[0]
+        scores[~present] = ABSENT_SCORE
+        if min_class_share <= 0:
+            return scores
+        share = torch.bincount(scores.argmax(0).flatten(), minlength=len(present)).float() / scores[0].numel()
+        candidates = torch.where(present[:removable] & (share[:removable] < min_class_share))[0]
+        if len(candidates) == 0 or int(present.sum()) == 1:
+            return scores
+        present[candidates[share[candidates].argmin()]] = False
 
 
 def kmeans(
