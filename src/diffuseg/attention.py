@@ -34,6 +34,10 @@ from diffuseg.tokens import token_weights as make_token_weights
 
 Size = tuple[int, int]
 
+# Explicit probabilities of one query-row slice may always hold this many elements (1 MiB in
+# float32), however small the layer's activations: see ExplicitAttnProcessor.
+MIN_SLICE_ELEMENTS = 2**18
+
 
 class AttentionController:
     """Base class: which layers to compute explicitly, and what to do with their probabilities.
@@ -144,7 +148,9 @@ class ExplicitAttnProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        rows = max(1, hidden_states.numel() // (batch * attn.heads * keys))
+        # At small maps a slice may take MIN_SLICE_ELEMENTS anyway: each slice costs a dozen op
+        # dispatches, which dominate a layer of a few hundred positions.
+        rows = max(1, max(hidden_states.numel(), MIN_SLICE_ELEMENTS) // (batch * attn.heads * keys))
         out = value.new_empty(batch, attn.heads, queries, head_dim)
         for start in range(0, queries, rows):
             chunk = slice(start, min(start + rows, queries))
@@ -152,7 +158,9 @@ class ExplicitAttnProcessor:
             if attention_mask is not None:
                 scores += attention_mask[:, :, chunk] if attention_mask.shape[2] > 1 else attention_mask
             # Softmax in float32: half-precision probabilities lose the small values maps are made of.
-            probs = _softmax_(scores.float())
+            scores = scores.float()
+            # In place where the slice is large (no second buffer of its size); one op where it is small.
+            probs = _softmax_(scores) if scores.numel() > MIN_SLICE_ELEMENTS else scores.softmax(dim=-1)
             replaced = self.controller(kind, size, probs, chunk)
             if replaced is not None:
                 probs = replaced
@@ -178,7 +186,9 @@ def attention_control(unet: torch.nn.Module, controller: AttentionController) ->
     """Install ``controller`` on every attention layer of ``unet`` inside the ``with`` block."""
     # Direct processor swaps on the attention modules: ``unet.attn_processors`` and
     # ``set_attn_processor`` rebuild name dicts by recursion, milliseconds per call on SD's UNet.
-    layers = [module for module in unet.modules() if hasattr(module, "set_processor")]
+    # The method is looked up on the class: ``hasattr`` on a module goes through nn.Module's
+    # ``__getattr__`` and a raised AttributeError for each of the UNet's ~1,000 modules.
+    layers = [module for module in unet.modules() if hasattr(type(module), "set_processor")]
     originals = [layer.processor for layer in layers]
     for layer, original in zip(layers, originals):
         layer.set_processor(ExplicitAttnProcessor(controller, original))
