@@ -23,39 +23,7 @@ import torch
 
 from diffuseg.models import load_pipeline, resolve_model
 from diffuseg.pipelines.maskdiffusion import PROMPT_SEPARATOR, MaskDiffusionSegPipeline
-from diffuseg.testing import tiny_stable_diffusion
-
-
-def random_sd15() -> MaskDiffusionSegPipeline:
-    """Stable Diffusion 1.5's architecture with random weights: its speed without a download."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from diffuseg.testing import build_clip_tokenizer
-
-    tokenizer = build_clip_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-            num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # the defaults are SD 1.x's layout
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )
-    pipe = MaskDiffusionSegPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from diffuseg.testing import random_sd15, tiny_stable_diffusion
 
 
 def cast(pipe: MaskDiffusionSegPipeline, device: str, dtype: torch.dtype) -> MaskDiffusionSegPipeline:
@@ -64,7 +32,7 @@ def cast(pipe: MaskDiffusionSegPipeline, device: str, dtype: torch.dtype) -> Mas
 
 def load(model: str | None, device: str, dtype: torch.dtype) -> tuple[MaskDiffusionSegPipeline, str]:
     if model == "random-sd15":
-        return cast(random_sd15(), device, dtype), "SD 1.5 architecture, random weights"
+        return cast(random_sd15(MaskDiffusionSegPipeline), device, dtype), "SD 1.5 architecture, random weights"
     if model is None:
         try:
             resolve_model()

@@ -7,6 +7,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+import diffuseg.attention
+import diffuseg.backends.common
 from diffuseg.attention import AttentionController, AttentionStore, ExplicitAttnProcessor, attention_control
 from diffuseg.masks import (
     IGNORE_INDEX,
@@ -130,9 +132,13 @@ def test_recorded_cross_attention_is_softmax_of_qk():
     assert torch.allclose(out, reference(query, encoder_hidden_states=key), atol=1e-5)
 
 
-def test_probabilities_come_in_row_slices_that_cover_the_layer():
+@pytest.mark.parametrize("min_slice", [0, None])
+def test_probabilities_come_in_row_slices_that_cover_the_layer(monkeypatch, min_slice):
     # Many heads and keys for few channels: each slice holds at most the layer's input size,
-    # so this layer's 64 query rows arrive in several slices.
+    # so with no minimum slice this layer's 64 query rows arrive in several slices; with the
+    # default minimum (1 MiB of probabilities) a layer this small is one slice.
+    if min_slice is not None:
+        monkeypatch.setattr(diffuseg.backends.common, "MIN_SLICE_ELEMENTS", min_slice)
     torch.manual_seed(0)
     dim, heads, h, w, keys = 8, 4, 8, 8, 40
     attn = Attention(query_dim=dim, cross_attention_dim=dim, heads=heads, dim_head=dim // heads)
@@ -161,7 +167,7 @@ def test_probabilities_come_in_row_slices_that_cover_the_layer():
         assert torch.allclose(attn(hidden), reference_self, atol=1e-5)
 
         cross = [q for kind, q in slices if kind == "cross"]
-        assert len(cross) > 1
+        assert len(cross) > 1 if min_slice == 0 else len(cross) == 1
         assert [q.start for q in cross] == [0] + [q.stop for q in cross[:-1]] and cross[-1].stop == h * w
         # Reference probabilities of the conditional image (batch of 2 = guidance halves), mean of heads.
         q = attn.to_q(hidden[1]).view(h * w, heads, -1).transpose(0, 1)

@@ -16,6 +16,7 @@ import torch
 from diffuseg.pipelines import DiffuMaskPipeline, FreeMaskEditOutput, FreeMaskEditPipeline
 from diffuseg.pipelines.freemask import (
     FreeMaskObject,
+    InsertionRecord,
     feather_weights,
     insert_into_label_map,
     sample_free_box,
@@ -423,3 +424,39 @@ def test_registered_for_diffuseg_generate(pipe):
     (sample,) = spec.generate(pipe, requests, config)
     assert sample["image"].shape == (32, 32, 3) and sample["image"].dtype == np.uint8
     assert set(np.unique(sample["label"])) <= {0, 2, 255}  # dataset ids: dog is 2
+
+
+def test_insertion_record_prints_a_short_summary():
+    # The masks are (H, W) arrays: printing out.rejected must say what happened, not dump them.
+    region = np.zeros((64, 64), dtype=bool)
+    region[8:40, 8:40] = True
+    record = InsertionRecord("square", 2, "square", "a picture of a square", region=region, box=(8, 8, 40, 40),
+                             coverage=[0.077], leak=[0.2], reason="mask covers 7.7% of its region (min_coverage=15.0%)")
+    text = repr([record])
+    assert "mask covers 7.7%" in text and "(8, 8, 40, 40)" in text and "8% coverage / 20% leak" in text
+    assert "array" not in text and "False" not in text and len(text) < 300
+    record.reason, record.mask = None, region
+    assert "inserted, mask 1024 px" in repr(record)
+
+
+def test_default_object_prompt_is_in_the_embedded_models_grammar():
+    from diffuseg.pipelines.freemask import default_object_prompt
+    from diffuseg.shapesworld.render import CAPTION_TEMPLATES
+
+    assert default_object_prompt("square") == "a picture of a square" == CAPTION_TEMPLATES[1][1].format("square")
+    assert default_object_prompt("apple") == "a picture of an apple"
+
+
+def test_leak_does_not_count_the_objects_already_in_the_image():
+    # A class word attends to every object of its kind; the edit keeps those, they are no leak.
+    from diffuseg.pipelines.freemask import object_mask
+
+    region, existing = np.zeros((32, 32), dtype=bool), np.zeros((32, 32), dtype=bool)
+    region[4:12, 4:12] = True
+    existing[16:30, 16:30] = True
+    attention = torch.zeros(32, 32)
+    attention[5:11, 5:11] = 1.0
+    attention[16:30, 16:30] = 0.9
+    mask, _, coverage, leak = object_mask(attention, region)
+    assert mask.sum() == 36 and leak > 0.8
+    assert object_mask(attention, region, objects=existing)[3] == 0.0

@@ -322,6 +322,9 @@ def test_filters_mosaic_descriptions_and_card(tmp_path):
     assert generate_dataset(config, pipe=pipe, progress=False).generated == 0
     with pytest.raises(DatasetMismatchError, match="seed: 1 -> 2"):
         generate_dataset(GenerationConfig(**{**config.__dict__, "seed": 2}), pipe=pipe, progress=False)
+    # Samples depend on the batch in their last bits: another batch size would mix two datasets.
+    with pytest.raises(DatasetMismatchError, match="batch_size: 3 -> 1"):
+        generate_dataset(GenerationConfig(**{**config.__dict__, "batch_size": 1}), pipe=pipe, progress=False)
     strict = GenerationConfig(out=str(tmp_path / "strict"), classes=parse_classes("dog"), images_per_class=1,
                               model="tiny-random", height=32, width=32, num_inference_steps=2, min_mask_area=1.0)
     with pytest.raises(ValueError, match="rejected every sample"):

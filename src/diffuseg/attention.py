@@ -54,7 +54,6 @@ def step_window(fractions: tuple[float, float], num_steps: int) -> StepWindow:
     start = min(round(fractions[0] * num_steps), num_steps - 1)
     return start, max(start + 1, round(fractions[1] * num_steps))
 
-
 class AttentionController:
     """Base class: which layers to compute explicitly, and what to do with their probabilities.
 

@@ -468,3 +468,40 @@ def on_same_components(pipe, pipeline_class=None, scheduler_class=None):
     other = (pipeline_class or type(pipe))(**components, requires_safety_checker=False)
     other.set_progress_bar_config(disable=True)
     return other
+
+
+def random_sd15(pipeline_class=None, seed: int = 0):
+    """Stable Diffusion 1.5's architecture at its published dimensions, with random weights.
+
+    UNet 320/640/1280/1280 (860M parameters), CLIP ViT-L/14 text encoder (12 layers, width 768,
+    vocabulary 49,408), the SD VAE (128/256/512/512, /8): what a real checkpoint costs, without
+    a download. The tokenizer is the tiny offline one (token ids only, never meaning).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are SD 1.x's UNet
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    pipeline_class = pipeline_class or StableDiffusionPipeline
+    pipe = pipeline_class(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -10,3 +10,20 @@ def softmax_(scores: torch.Tensor) -> torch.Tensor:
     scores -= scores.amax(dim=-1, keepdim=True)
     scores.exp_()
     return scores.div_(scores.sum(dim=-1, keepdim=True))
+
+
+# Explicit probabilities of one query-row slice may always hold this many elements per image
+# (1 MiB in float32), however small the layer's activations: each slice costs a dozen op
+# dispatches, which dominate a layer of a few hundred positions.
+MIN_SLICE_ELEMENTS = 2**18
+
+
+def slice_rows(activations: int, batch: int, per_image_row: int) -> int:
+    """Query rows per slice of explicit probabilities.
+
+    No more elements than the layer's ``activations`` (so probabilities never dominate peak
+    memory), or :data:`MIN_SLICE_ELEMENTS` per image where that is more; ``per_image_row``
+    elements per query row of one image (heads × keys). The count does not depend on ``batch``,
+    so an image's maps are the same bits in any batch.
+    """
+    return max(1, max(activations // batch, MIN_SLICE_ELEMENTS) // per_image_row)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from diffuseg.backends.common import softmax_
+from diffuseg.backends.common import slice_rows, softmax_
 from diffuseg.tokens import TextSegment
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ class JointExplicitAttnProcessor:
             value,
             attn_mask=None if mask is None else _rows(mask, text),
         )
-        rows = max(1, hidden_states.numel() // (batch * heads * tokens))
+        rows = slice_rows(hidden_states.numel(), batch, heads * tokens)
         for start in range(0, image_length, rows):
             chunk = slice(start, min(start + rows, image_length))
             rows_in_sequence = slice(image_start + chunk.start, image_start + chunk.stop)

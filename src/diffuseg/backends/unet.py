@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffuseg.backends.common import softmax_
+from diffuseg.backends.common import slice_rows, softmax_
 from diffuseg.tokens import TextSegment
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ class ExplicitAttnProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        rows = max(1, hidden_states.numel() // (batch * attn.heads * keys))
+        rows = slice_rows(hidden_states.numel(), batch, attn.heads * keys)
         out = value.new_empty(batch, attn.heads, queries, head_dim)
         for start in range(0, queries, rows):
             chunk = slice(start, min(start + rows, queries))
@@ -124,7 +124,9 @@ def control(
         raise ValueError("a UNet's layers are chosen by `resolutions`, not `blocks` (blocks are for MM-DiT models)")
     # Direct processor swaps on the attention modules: ``unet.attn_processors`` and
     # ``set_attn_processor`` rebuild name dicts by recursion, milliseconds per call on SD's UNet.
-    layers = [module for module in unet.modules() if hasattr(module, "set_processor")]
+    # The method is looked up on the class: ``hasattr`` on a module goes through nn.Module's
+    # ``__getattr__`` and a raised AttributeError for each of the UNet's ~1,000 modules.
+    layers = [module for module in unet.modules() if hasattr(type(module), "set_processor")]
     originals = [layer.processor for layer in layers]
     for layer, original in zip(layers, originals):
         layer.set_processor(ExplicitAttnProcessor(controller, original))

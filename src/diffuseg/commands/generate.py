@@ -120,7 +120,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="mosaics per generated sample (default: 0.25)")
 
     run_group = parser.add_argument_group("running")
-    run_group.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (default: 1)")
+    run_group.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call (default: 1); part of the dataset's settings: batched float math differs in the last bits, so a resume must keep it")
     run_group.add_argument("--samples-per-shard", type=int, default=256, metavar="N",
                            help="generated samples per Parquet shard, also the unit of resumption (default: 256)")
     run_group.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),

@@ -56,7 +56,9 @@ class GenerationConfig:
             (IoU): the object was not removed, or something else changed.
         mosaic: 2 or 3 for 2×2 / 3×3 mosaics of kept samples (``None``: none).
         mosaic_fraction: mosaics added per generated sample (per shard).
-        batch_size: prompts per pipeline call (does not change the data on a given device).
+        batch_size: prompts per pipeline call. Batched float math differs from a single call's in
+            the last bits (±1 in a few pixels, measured), so it is part of the fingerprint: a resume
+            with another batch size is refused rather than mixing two datasets.
         samples_per_shard: generated samples per shard (the unit of resumption).
         dtype: ``"auto"`` (float16 on CUDA, else float32), ``"float32"``, ``"float16"``, ``"bfloat16"``.
     """
@@ -95,7 +97,7 @@ class GenerationConfig:
     samples_per_shard: int = 256
     dtype: str = "auto"
     # Runtime knobs: they do not change the dataset, so they stay out of the fingerprint.
-    RUNTIME_FIELDS = ("out", "batch_size", "dtype")
+    RUNTIME_FIELDS = ("out", "dtype")
 
     def __post_init__(self) -> None:
         # The model's defaults are filled in here, so the fingerprint and the card record the values used.

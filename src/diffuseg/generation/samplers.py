@@ -76,7 +76,7 @@ def generate_freemask(pipe, requests: Sequence[SampleRequest], config: Generatio
     Labels are dataset ids (``config.classes.names``); an insertion that fails its
     consistency check is left out and the base sample stays.
     """
-    from diffuseg.pipelines.freemask import FreeMaskObject
+    from diffuseg.pipelines.freemask import FreeMaskObject, default_object_prompt
 
     names = list(config.classes.names)
     size = (
@@ -89,12 +89,28 @@ def generate_freemask(pipe, requests: Sequence[SampleRequest], config: Generatio
         [r.prompt for r in requests], [list(r.words) for r in requests], [list(r.class_ids) for r in requests],
         size, generator=generators, **common,
     )
-    objects = [[FreeMaskObject(names[c - 1], word=w) for c, w in zip(r.class_ids, r.words)] for r in requests]
+    objects = [
+        [FreeMaskObject(names[c - 1], prompt=default_object_prompt(phrase), word=w) for c, w, phrase in
+         zip(r.class_ids, r.words, _object_phrases(r, config))]
+        for r in requests
+    ]
     out = pipe(
         image=(images + 1) / 2, label_map=labels, objects=objects, class_names=names, generator=generators,
         output_type="np", **common,
     )
     return [{"image": image, "label": label} for image, label in zip(to_uint8(out.images), out.masks)]
+
+
+def _object_phrases(request: SampleRequest, config: GenerationConfig) -> list[str]:
+    """Per class word of ``request``, the phrase its prompt names the object with ("red circle"), else the word.
+
+    An inserted object's prompt is then a caption the model knows, e.g. "a picture of a red circle"
+    for the embedded ShapesWorld model.
+    """
+    from diffuseg.models import modifier_phrases
+
+    phrases = modifier_phrases(request.prompt, request.words, config.object_modifiers or ())
+    return [next((p for p in phrases if p.split()[-1].lower() == w.lower()), w) for w in request.words]
 
 
 # --- Counterfactual (MagicSeg): image, mask, and the same scene without the object ------

@@ -69,7 +69,7 @@ class FreeMaskObject:
 
     Attributes:
         class_name: its class, one of the pipeline call's ``class_names`` (gives the label id).
-        prompt: the text it is generated from (default ``"a photo of a <word>"``); must contain ``word``.
+        prompt: the text it is generated from (default ``"a picture of a <word>"``); must contain ``word``.
         region: where it goes: a box ``(x0, y0, x1, y1)`` in pixels (end exclusive) or a
             boolean ``(H, W)`` mask (array, tensor or PIL image; nonzero = inside). ``None``:
             a free box is chosen by :func:`sample_free_box`.
@@ -113,6 +113,15 @@ class InsertionRecord:
     def attempts(self) -> int:
         """How many generations were tried."""
         return len(self.coverage)
+
+    def __repr__(self) -> str:
+        # The masks are (H, W) arrays: a summary says what happened, the arrays stay attributes.
+        outcome = f"rejected: {self.reason}" if self.reason else f"inserted, mask {int(self.mask.sum())} px"
+        attempts = ", ".join(f"{c:.0%} coverage / {l:.0%} leak" for c, l in zip(self.coverage, self.leak))
+        return (
+            f"InsertionRecord({self.class_name!r} (id {self.class_id}) from {self.prompt!r}, box {self.box}, "
+            f"{outcome}; attempts: [{attempts}])"
+        )
 
 
 @dataclass
@@ -289,7 +298,7 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
                 record = InsertionRecord(obj.class_name, class_id(names, obj.class_name), obj.word, obj.prompt)
                 region = obj.region
                 if region is None:
-                    occupied = (labels[i] > 0) & (labels[i] != IGNORE_INDEX)
+                    occupied = occupied_pixels(labels[i])
                     own_generator = generator[i] if isinstance(generator, list) else generator
                     box = sample_free_box(
                         occupied, own_generator, region_size, region_aspect, max_overlap, grid=self.vae_scale_factor
@@ -310,7 +319,9 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
                     break
                 jobs = [(i, current[i], records[i]) for i in pending]
                 if mode == "edit":
-                    results = self.try_insertions(jobs, pick(generator, pending), feather, settings, mask_settings)
+                    results = self.try_insertions(
+                        jobs, labels, pick(generator, pending), feather, settings, mask_settings
+                    )
                 else:
                     results = self.try_pastes(
                         jobs, pick(generator, pending), feather, settings, mask_settings, paste_strength
@@ -354,16 +365,23 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
     # ----------------------------------------------------------------------------------
     # the two insertion methods
 
-    def try_insertions(self, jobs, generator, feather: int, settings: dict, mask_settings: dict) -> list[_Attempt]:
-        """One blended-latent-diffusion attempt per job ``(image index, image, record)``, batched."""
+    def try_insertions(
+        self, jobs, labels: list[np.ndarray], generator, feather: int, settings: dict, mask_settings: dict
+    ) -> list[_Attempt]:
+        """One blended-latent-diffusion attempt per job ``(image index, image, record)``, batched.
+
+        ``labels[i]`` is image ``i``'s current label map: its objects are not counted as leak.
+        """
         images = torch.stack([image for _, image, _ in jobs])
         regions = torch.stack([torch.from_numpy(record.region) for _, _, record in jobs])
         pixels, attention = self.edit_regions(
             images, regions, [r.prompt for _, _, r in jobs], [r.word for _, _, r in jobs], 1.0, generator, **settings
         )
         results = []
-        for j, (_, image, record) in enumerate(jobs):
-            mask, uncertain, coverage, leak = object_mask(attention[j], record.region, **mask_settings)
+        for j, (i, image, record) in enumerate(jobs):
+            mask, uncertain, coverage, leak = object_mask(
+                attention[j], record.region, **mask_settings, objects=occupied_pixels(labels[i])
+            )
             edited = paste_back(image, pixels[j], record.region, feather)
             # The whole region was regenerated: it is what insert_into_label_map calls repainted.
             results.append(_Attempt(edited, mask, uncertain, record.region, coverage, leak))
@@ -687,6 +705,7 @@ def object_mask(
     threshold: str | float = "otsu",
     ignore_band: float = 0.0,
     min_area: int = 0,
+    objects: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float, float]:
     """An inserted object's mask from its word's ``(H, W)`` attention, restricted to ``region``.
 
@@ -694,11 +713,16 @@ def object_mask(
     ``"adaptive"`` computed over the region's pixels only) separates the object from the rest
     of the region. Thresholding and small-component removal are :func:`diffuseg.masks.label_map`.
 
+    Args:
+        objects: ``(H, W)`` pixels of the objects already in the image. A class word attends to
+            objects of its kind (on ShapesWorld "square" lights up a circle as much as a square),
+            and these stay as they are: their pixels do not count as leak.
+
     Returns:
         ``(mask, uncertain, coverage, leak)``: boolean ``(H, W)`` mask inside the region;
         region pixels within ``ignore_band`` of the threshold; the fraction of the region
-        the mask covers; the fraction of all above-threshold pixels of the (whole-image) map
-        that lie outside the region.
+        the mask covers; the fraction of the above-threshold pixels of the (whole-image) map
+        that lie outside the region and outside ``objects``.
     """
     region_t = torch.from_numpy(np.asarray(region, dtype=bool))
     attention = attention.float().cpu()
@@ -711,11 +735,17 @@ def object_mask(
     labels = assemble_label_map(local.masked_fill(~region_t, 0.0)[None], cutoff, ignore_band, min_area)
     mask = (labels == 1) & region
     uncertain = (labels == IGNORE_INDEX) & region
-    outside = int(((local > cutoff) & ~region_t).sum())
+    elsewhere = ~region_t if objects is None else ~region_t & ~torch.from_numpy(np.asarray(objects, dtype=bool))
+    outside = int(((local > cutoff) & elsewhere).sum())
     inside = int(mask.sum())
     coverage = inside / int(region_t.sum())
     leak = outside / (outside + inside) if outside + inside else 0.0
     return mask, uncertain, coverage, leak
+
+
+def occupied_pixels(labels: np.ndarray) -> np.ndarray:
+    """Where a label map has an object (a class id: neither background nor ignore)."""
+    return (labels > 0) & (labels != IGNORE_INDEX)
 
 
 def consistency_problem(result: _Attempt, min_coverage: float, max_leak: float) -> str | None:
@@ -958,10 +988,15 @@ def parse_object(obj: Any, names: list[str], size: tuple[int, int], tokenizer) -
         raise ValueError(f"an object to insert is a class name, a dict or a FreeMaskObject; got {type(obj).__name__}")
     class_id(names, obj.class_name)
     word = obj.word or obj.class_name
-    prompt = obj.prompt or f"a photo of {'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+    prompt = obj.prompt or default_object_prompt(word)
     word_token_positions(tokenizer, prompt, word)  # the word must be in the prompt, before the token limit
     region = None if obj.region is None else parse_region(obj.region, size)
     return _Object(obj.class_name, word, prompt, region)
+
+
+def default_object_prompt(word: str) -> str:
+    """``"a picture of a <word>"``: a caption of the embedded ShapesWorld model's grammar, and plain English."""
+    return f"a picture of {'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
 
 
 def parse_region(region: Region, size: tuple[int, int]) -> np.ndarray:
