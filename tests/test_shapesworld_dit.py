@@ -70,6 +70,40 @@ def test_training_script_sd3_micro_run_saves_a_loadable_sd3_pipeline_and_resumes
         main(["--architecture", "unet", "--output-dir", str(run), "--export-dir", str(export), "--resume"])
 
 
+def test_sd3_training_context_is_what_the_pipeline_gives_the_transformer(tmp_path):
+    from accelerate import Accelerator
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffuseg.shapesworld.train import MICRO, TrainConfig, Trainer, flow_scheduler, tokenize
+
+    # two layers: SD3 reads the penultimate hidden states, which with one layer are the bare token embeddings
+    config = TrainConfig.from_dict({**MICRO, "architecture": "sd3", "text_layers": 2})
+    trainer = Trainer(config, tmp_path, None, Accelerator(), None)
+    models, tokenizer = trainer.models, trainer.tokenizer
+    pipe = StableDiffusion3Pipeline(vae=trainer.vae, scheduler=flow_scheduler(config), tokenizer=tokenizer,
+                                    tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None, **models)
+    prompts = ["a red circle", "a blue square and a red circle"]
+    ids, empty_ids = tokenize(tokenizer, prompts), tokenize(tokenizer, [""])[0]
+    with torch.no_grad():
+        context, pooled = trainer.sd3_context(ids, torch.tensor([False, False]), empty_ids, config.t5_tokens)
+        expected, _, expected_pooled, _ = pipe.encode_prompt(
+            prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=config.t5_tokens)
+        assert context.shape == (2, config.max_length + config.t5_tokens, 2 * config.text_width)
+        torch.testing.assert_close(context, expected)
+        torch.testing.assert_close(pooled, expected_pooled)
+        # context dropout: the first caption's end-of-text, padding and pooled projection become the empty
+        # caption's; its words and the other caption stay as they were
+        hidden, hidden_pooled = trainer.sd3_context(ids, torch.tensor([True, False]), empty_ids, config.t5_tokens)
+        _, _, empty_pooled, _ = pipe.encode_prompt(
+            "", None, None, do_classifier_free_guidance=False, max_sequence_length=config.t5_tokens)
+    end = int((ids[0] == tokenizer.eos_token_id).int().argmax())
+    torch.testing.assert_close(hidden[0, :end], context[0, :end])
+    assert not torch.allclose(hidden[0, end:config.max_length], context[0, end:config.max_length])
+    torch.testing.assert_close(hidden[1], context[1])
+    torch.testing.assert_close(hidden_pooled[0], empty_pooled[0])
+    torch.testing.assert_close(hidden_pooled[1], pooled[1])
+
+
 def test_sd3_run_starts_from_the_shipped_unet_models_vae_and_text_encoder(tmp_path):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
