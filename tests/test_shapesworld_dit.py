@@ -74,7 +74,13 @@ def test_sd3_training_context_is_what_the_pipeline_gives_the_transformer(tmp_pat
     from accelerate import Accelerator
     from diffusers import StableDiffusion3Pipeline
 
-    from diffuseg.shapesworld.train import MICRO, TrainConfig, Trainer, flow_scheduler, tokenize
+    from diffuseg.shapesworld.train import (
+        MICRO,
+        TrainConfig,
+        Trainer,
+        flow_scheduler,
+        tokenize,
+    )
 
     # two layers: SD3 reads the penultimate hidden states, which with one layer are the bare token embeddings
     config = TrainConfig.from_dict({**MICRO, "architecture": "sd3", "text_layers": 2})
