@@ -16,24 +16,37 @@
 
     python benchmarks/shapesworld_quality.py                       # the embedded model
     python benchmarks/shapesworld_quality.py --model path/to/pipeline --images-per-prompt 4
+    python benchmarks/shapesworld_quality.py --model shapesworld-dit       # the SD3-architecture model
+
+Either architecture: a ``StableDiffusion3Pipeline`` folder (ShapesWorld-DiT) is judged the same way,
+sampled with its flow-matching Euler scheduler and the zero "T5" tokens it was trained with. Its
+DiffuMask masks need ``DiffuMaskSD3Pipeline`` (see :func:`mask_pipeline_class`); without it the
+benchmark measures fidelity only and says so.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from tqdm.auto import tqdm
 
+import diffuseg.pipelines
 from diffuseg.commands import comma_separated_ints
 from diffuseg.models import load_pipeline, resolve_model
-from diffuseg.pipelines import DiffuMaskPipeline
 from diffuseg.shapesworld.recognize import prompt_fidelity, recognize
-from diffuseg.shapesworld.render import CAPTION_TEMPLATES, HELD_OUT_PAIRS, model_world, render, scene_from_seed
+from diffuseg.shapesworld.render import (
+    CAPTION_TEMPLATES,
+    HELD_OUT_PAIRS,
+    model_world,
+    render,
+    scene_from_seed,
+)
 from diffuseg.shapesworld.render import sample_seed as row_seed
 
 FIDELITY_BAR = 0.8
@@ -58,6 +71,17 @@ def judge_renders(shapes, colors, n: int, size: int, vae) -> tuple[float, float]
     return hits[0] / n, hits[1] / n
 
 
+def mask_pipeline_class(sd3: bool):
+    """The DiffuMask pipeline of the model's family, or None when this install has none.
+
+    The hook for the MM-DiT family: an SD3 folder is masked by ``diffuseg.pipelines.DiffuMaskSD3Pipeline``
+    once it exists, called like ``DiffuMaskPipeline`` (``class_names``, ``threshold``, ``resolutions``).
+    """
+    if not sd3:
+        return diffuseg.pipelines.DiffuMaskPipeline
+    return getattr(diffuseg.pipelines, "DiffuMaskSD3Pipeline", None)
+
+
 def prompt_set(shapes, colors, n_pairs: int, seed: int) -> list[tuple[str, list[tuple[str, str]]]]:
     """Every single (colour, shape) prompt, plus ``n_pairs`` two-object prompts (distinct colours and shapes)."""
     prompts = [(f"a {c} {s}", [(c, s)]) for s in shapes for c in colors]
@@ -73,7 +97,7 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded ShapesWorld model)")
     parser.add_argument("--images-per-prompt", type=int, default=2, help="images generated per prompt (default 2)")
     parser.add_argument("--pairs", type=int, default=12, help="two-object prompts besides all single ones (default 12)")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    parser.add_argument("--steps", type=int, default=25, help="sampler steps, DDIM or flow-matching Euler (default 25)")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     parser.add_argument("--renders", type=int, default=40, help="rendered scenes to check the judge on (default 40)")
     parser.add_argument("--resolutions", type=comma_separated_ints, default=None,
@@ -88,12 +112,23 @@ def main() -> int:
     model_dir = resolve_model(args.model)
     world = model_world(model_dir)
     shapes, colors, size = world.shapes, world.colors, world.image_size
-    print(f"model: {model_dir} (UNet step {world.unet_step}, VAE PSNR {world.vae_psnr:.1f} dB)")
+    sd3 = json.loads((Path(model_dir) / "model_index.json").read_text())["_class_name"] == "StableDiffusion3Pipeline"
+    print(f"model: {model_dir} ({'SD3 transformer' if sd3 else 'UNet'} step {world.unet_step}, "
+          f"VAE PSNR {world.vae_psnr:.1f} dB)")
     print(f"world: shapes {list(shapes)}, colours {list(colors)}; held-out pairs "
           f"{sorted(p for p in HELD_OUT_PAIRS if p[0] in colors and p[1] in shapes)}")
 
-    pipe = load_pipeline(DiffuMaskPipeline, model_dir)
+    mask_class = mask_pipeline_class(sd3)
+    plain_class = StableDiffusion3Pipeline if sd3 else StableDiffusionPipeline
+    if mask_class is None:
+        print("DiffuMask IoU: not measured (this install has no DiffuMaskSD3Pipeline); prompt fidelity only")
+    pipe = load_pipeline(mask_class or plain_class, model_dir)
     pipe.set_progress_bar_config(disable=True)
+    extra = {}
+    if sd3:  # the zero "T5" tokens the model was trained with (the pipeline's default when not recorded)
+        config = json.loads((Path(model_dir) / "training_state.json").read_text()).get("config", {}) \
+            if (Path(model_dir) / "training_state.json").is_file() else {}
+        extra["max_sequence_length"] = config.get("t5_tokens", 256)
 
     t0 = time.time()
     judge, ceiling = judge_renders(shapes, colors, args.renders, size, pipe.vae)
@@ -109,12 +144,12 @@ def main() -> int:
     for index, (prompt, objects) in enumerate(tqdm(prompts, desc="generate + judge", mininterval=5)):
         generator = torch.Generator().manual_seed(args.seed * 100003 + index)
         common = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
-                      num_images_per_prompt=args.images_per_prompt, output_type="np", height=size, width=size)
-        if objects:
+                      num_images_per_prompt=args.images_per_prompt, output_type="np", height=size, width=size, **extra)
+        if objects and mask_class is not None:
             out = pipe(prompt, class_names=[s for _, s in objects], threshold="otsu", resolutions=args.resolutions,
                        **common)
         else:  # nothing to mask: the plain text-to-image call
-            out = StableDiffusionPipeline.__call__(pipe, prompt, **common)
+            out = plain_class.__call__(pipe, prompt, **common)
         images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
         # the shuffled baseline: the prompt of another, fixed, index with a different set of objects
         other = prompts[(index + object_prompts // 2) % object_prompts][1]
@@ -126,8 +161,8 @@ def main() -> int:
             ious, whole = [], []
             found = {d.color: d.mask for d in detections}
             for class_id, (color, _) in enumerate(objects, start=1):
-                if color not in found:
-                    continue  # no reference mask: counted by fidelity, not by IoU
+                if mask_class is None or color not in found:
+                    continue  # no mask, or no reference mask: counted by fidelity, not by IoU
                 ref, pred = found[color], out.masks[k] == class_id
                 ious.append((ref & pred).sum() / max((ref | pred).sum(), 1))
                 whole.append(ref.mean())
@@ -150,7 +185,8 @@ def main() -> int:
         "held-out": [r for r in rows if r["held_out"]],
         "seen": [r for r in rows if not r["held_out"]],
     }
-    print(f"\n{len(rows) + len(empty)} images in {seconds:.0f}s ({args.steps} DDIM steps, guidance {args.guidance})")
+    sampler = "flow-matching Euler" if sd3 else "DDIM"
+    print(f"\n{len(rows) + len(empty)} images in {seconds:.0f}s ({args.steps} {sampler} steps, guidance {args.guidance})")
     header = ("colours", "shapes", "no extra", "faithful", "shuffled")
     print(f"{'group':<10}{'n':>5}" + "".join(f"{h:>10}" for h in header) + f"{'ratio':>8}")
     for name, selected in groups.items():

@@ -65,6 +65,14 @@ _SPLIT_NAME = re.compile(r"^\w+$")
 _ROW_GROUP_SIZE = 64  # rows per Parquet row group: images are large, readers stream groups
 
 
+def stored_fingerprint(folder: str | os.PathLike, split: str = "train") -> dict | None:
+    """The settings a :class:`DatasetWriter` stored for ``split`` of ``folder`` (None: nothing stored yet)."""
+    path = Path(folder) / STATE_DIR / f"{split}.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get("fingerprint")
+
+
 class DatasetMismatchError(ValueError):
     """The folder already holds a different dataset (fingerprint or classes differ)."""
 

@@ -7,6 +7,7 @@ carry ``diffuseg.json``, the settings that suit it (:func:`model_defaults`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -18,7 +19,9 @@ DEFAULT_MODEL = "shapesworld"
 """Name of the embedded default model; any other value is a local folder or a Hub id."""
 
 ASSETS = Path(__file__).parent / "assets"
-EMBEDDED_MODELS = {"shapesworld": ASSETS / "shapesworld"}
+EMBEDDED_MODELS = {"shapesworld": ASSETS / "shapesworld", "shapesworld-dit": ASSETS / "shapesworld-dit"}
+"""The models shipped in the package: the ShapesWorld UNet (SD 1.x architecture) and ShapesWorld-DiT
+(SD3 architecture, trained with ``python -m diffuseg.shapesworld.train --architecture sd3``)."""
 
 
 def resolve_model(model: str | os.PathLike | None = None) -> str:
@@ -32,9 +35,10 @@ def resolve_model(model: str | os.PathLike | None = None) -> str:
     if model in EMBEDDED_MODELS:
         folder = EMBEDDED_MODELS[model]
         if not (folder / "model_index.json").is_file():
+            train = "python -m diffuseg.shapesworld.train" + (" --architecture sd3" if model == "shapesworld-dit" else "")
             raise FileNotFoundError(
                 f"the embedded model {model!r} is not in this install ({folder}); "
-                "pass --model with a local pipeline folder or a Hub id"
+                f"pass --model with a local pipeline folder or a Hub id, or train it ({train})"
             )
         return str(folder)
     expanded = os.path.expanduser(model)
@@ -73,31 +77,51 @@ def load_pipeline(pipeline_class, model: str | os.PathLike | None = None, *, dty
     """``pipeline_class.from_pretrained`` of the resolved ``model``, safetensors only.
 
     Safety checker and feature extractor are dropped: the outputs are training data, and
-    the checker is an extra download most segmentation users do not want.
+    the checker is an extra download most segmentation users do not want. Components a local
+    folder saved as null (an SD3 folder without T5: ``text_encoder_3``) load as ``None``.
     """
-    import inspect
-
     import torch
 
-    if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:  # SD 1.x/2.x only
+    source = resolve_model(model)
+    accepted = inspect.signature(pipeline_class.__init__).parameters
+    if "safety_checker" in accepted:
         kwargs.setdefault("safety_checker", None)
         kwargs.setdefault("requires_safety_checker", False)
-
-    pipe = pipeline_class.from_pretrained(
-        resolve_model(model), dtype=dtype or torch.float32, use_safetensors=True, **kwargs
-    )
+    index = Path(source) / "model_index.json"
+    if index.is_file():
+        # diffusers refuses a null component the pipeline class does not list as optional,
+        # although its __init__ accepts None (StableDiffusion3Pipeline's T5 encoder and tokenizer)
+        for name, value in json.loads(index.read_text()).items():
+            if isinstance(value, list) and value[0] is None and name in accepted:
+                kwargs.setdefault(name, None)
+    pipe = pipeline_class.from_pretrained(source, dtype=dtype or torch.float32, use_safetensors=True, **kwargs)
     if device is not None:
         pipe.to(device)
     return pipe
 
 
-def load_default_model(pipeline_class=None, **kwargs):
-    """The embedded ShapesWorld model as ``pipeline_class`` (default: :class:`DiffuMaskPipeline`), offline."""
-    if pipeline_class is None:
-        from diffuseg.pipelines import DiffuMaskPipeline
+def _default_pipeline_class(model: str):
+    from diffuseg.pipelines import DiffuMaskPipeline, DiffuMaskSD3Pipeline
 
-        pipeline_class = DiffuMaskPipeline
-    return load_pipeline(pipeline_class, DEFAULT_MODEL, **kwargs)
+    return DiffuMaskSD3Pipeline if model == "shapesworld-dit" else DiffuMaskPipeline
+
+
+def load_default_model(pipeline_class=None, *, model: str = DEFAULT_MODEL, **kwargs):
+    """An embedded model, offline: ``model`` is ``"shapesworld"`` (the UNet model, loaded as
+    :class:`DiffuMaskPipeline` by default) or ``"shapesworld-dit"`` (the SD3-architecture model, loaded
+    as :class:`DiffuMaskSD3Pipeline` by default). ``load_default_model("shapesworld-dit")`` also works.
+
+    Raises:
+        ValueError: ``model`` is not an embedded model's name.
+        FileNotFoundError: the embedded model is not in this install (ShapesWorld-DiT ships once a
+            training snapshot is committed).
+    """
+    if isinstance(pipeline_class, str):  # load_default_model("shapesworld-dit")
+        pipeline_class, model = None, pipeline_class
+    if model not in EMBEDDED_MODELS:
+        raise ValueError(f"{model!r} is not an embedded model; embedded: {sorted(EMBEDDED_MODELS)} "
+                         "(load_pipeline() takes a folder or a Hub id)")
+    return load_pipeline(pipeline_class or _default_pipeline_class(model), model, **kwargs)
 
 
 # --------------------------------------------------------------------------- per-model defaults

@@ -7,6 +7,8 @@ share of the shards, the main process writes the card and ``id2label.json``.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from diffuseg.commands import comma_separated_ints
 
@@ -171,9 +173,17 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from diffuseg.data import stored_fingerprint
     from diffuseg.generation import distributed_state, generate_dataset
 
-    summary = generate_dataset(config_from_args(args), progress=not args.no_progress)
+    config = config_from_args(args)
+    stored = stored_fingerprint(config.out) or {}
+    if args.threads is None and not os.environ.get("OMP_NUM_THREADS") and stored.get("threads", config.threads) != config.threads:
+        # A resume keeps the thread count the dataset was started with (float math differs in the last bits).
+        config.threads = stored["threads"]
+        print(f"diffuseg: resuming with {config.threads} CPU thread(s), as this dataset was started "
+              "(pass --threads N to choose, if it is the same N)", file=sys.stderr)
+    summary = generate_dataset(config, progress=not args.no_progress)
     if distributed_state().is_main_process:
         rejected = ", ".join(f"{n} {r}" for r, n in sorted(summary.rejected.items())) or "none"
         print(

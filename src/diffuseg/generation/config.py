@@ -61,6 +61,9 @@ class GenerationConfig:
             with another batch size is refused rather than mixing two datasets.
         samples_per_shard: generated samples per shard (the unit of resumption).
         dtype: ``"auto"`` (float16 on CUDA, else float32), ``"float32"``, ``"float16"``, ``"bfloat16"``.
+        threads: torch CPU threads (``None``: torch's current count, set when the run starts). Like
+            the batch size it changes the last bits of float math (±1 in a few pixels, measured with
+            1 vs 2 threads), so it is part of the fingerprint and a resume must keep it.
     """
 
     out: str
@@ -96,10 +99,15 @@ class GenerationConfig:
     batch_size: int = 1
     samples_per_shard: int = 256
     dtype: str = "auto"
+    threads: int | None = None
     # Runtime knobs: they do not change the dataset, so they stay out of the fingerprint.
     RUNTIME_FIELDS = ("out", "dtype")
 
     def __post_init__(self) -> None:
+        if self.threads is None:
+            import torch
+
+            self.threads = torch.get_num_threads()
         # The model's defaults are filled in here, so the fingerprint and the card record the values used.
         from diffuseg.models import model_defaults
 
@@ -110,7 +118,7 @@ class GenerationConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` / ``FileNotFoundError`` on settings that cannot work."""
-        positive = {"images_per_class": self.images_per_class, "batch_size": self.batch_size,
+        positive = {"images_per_class": self.images_per_class, "batch_size": self.batch_size, "threads": self.threads,
                     "samples_per_shard": self.samples_per_shard, "num_inference_steps": self.num_inference_steps,
                     "prompt_max_new_tokens": self.prompt_max_new_tokens}
         flags = {"num_inference_steps": "--steps"}  # fields whose flag has another name

@@ -73,7 +73,10 @@ def generate_dataset(config: GenerationConfig, pipe=None, progress: bool = True)
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
+    import torch
+
     config.validate()
+    torch.set_num_threads(config.threads)  # the count the fingerprint records
     spec = get_pipeline(config.pipeline)
     plan = WorkPlan(config)
     state = distributed_state()
