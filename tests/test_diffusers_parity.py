@@ -38,6 +38,7 @@ from diffusers import (
 
 from diffuseg.pipelines import (
     CounterfactualPipeline,
+    CounterfactualXLPipeline,
     DiffuMaskFluxPipeline,
     DiffuMaskPipeline,
     DiffuMaskSD3Pipeline,
@@ -184,6 +185,9 @@ CASES += [
     ParityCase("diffumask-flux", DiffuMaskFluxPipeline, FluxPipeline, tiny_flux_components,
                schedulers=FLOW_SCHEDULERS[:1], custom_schedules=FLOW_CUSTOM_SCHEDULES,
                checks=ALL_CHECKS - {"negative_prompt", "negative_prompt_per_prompt"}, **DIFFUMASK_ARGUMENTS),
+    # The counterfactual's positives, beside the family's own pipeline; its callbacks see both halves.
+    ParityCase("counterfactual-sdxl", CounterfactualXLPipeline, StableDiffusionXLPipeline, tiny_sdxl_components,
+               callback_batch=2, **DIFFUMASK_ARGUMENTS),
 ]
 
 

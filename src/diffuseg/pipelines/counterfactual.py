@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ from diffuseg.masks import (
     thresholds,
     upsample,
 )
+from diffuseg.backends import denoiser_of
 from diffuseg.models import pipeline_defaults
 from diffuseg.pipelines.checks import check_sampling_inputs, default_size
 from diffuseg.pipelines.diffumask import (
@@ -257,13 +259,13 @@ class BackgroundBlend:
         return blend_then_callback
 
 
-class CounterfactualPipeline(StableDiffusionPipeline):
-    """Stable Diffusion that returns each image with its mask and a counterfactual without the object.
+class CounterfactualMixin:
+    """The counterfactual method's ``__call__`` over any UNet family pipeline it is mixed into (first in the bases).
 
-    Loads from any Stable Diffusion checkpoint, e.g.
-    ``CounterfactualPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")``,
-    or with ``DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/counterfactual",
-    trust_remote_code=True)``.
+    The method lives here once: prompts and their counterfactuals, the injecting controller, the
+    doubled batch with paired scheduler steps, background blending, the two mask signals and
+    their fusion. A family class contributes :meth:`decode_to_pixels` (how its VAE output
+    becomes pixels); its own ``__call__`` drives the denoiser.
     """
 
     @torch.no_grad()
@@ -273,11 +275,8 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         class_names: Sequence[str] | Sequence[Sequence[str]] = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int | None = 50,
-        guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
-        eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -312,13 +311,16 @@ class CounterfactualPipeline(StableDiffusionPipeline):
                 ``k`` is the k-th word of the image's list. All of them are replaced in the
                 counterfactual prompt, every occurrence.
             height, width: image size, multiples of 8 (default: the model's native size).
-            num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt, eta,
-            generator, latents, output_type, return_dict, callback_on_step_end,
-            callback_on_step_end_tensor_inputs: as in ``StableDiffusionPipeline``; other keyword
-                arguments (``timesteps``, ``sigmas``, ...) are passed through to it.
-                ``negative_prompt``: one string for every prompt, or one per prompt; the
-                counterfactuals share their positive's. ``latents`` and ``generator`` give the
-                positives the noise Stable Diffusion would give them, initial and per step (DDIM
+            negative_prompt, num_images_per_prompt, generator, latents, output_type, return_dict,
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in the family's pipeline
+                (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``); every other keyword
+                argument (``num_inference_steps``, ``guidance_scale``, ``eta``, ``timesteps``,
+                ``sigmas``, SDXL's ``original_size``, ...) is passed through to it, with its defaults.
+                ``negative_prompt`` (and SDXL's ``negative_prompt_2``): one string for every prompt,
+                or one per prompt; the counterfactuals share their positive's. SDXL's ``prompt_2``
+                loses the same words as the prompt in the counterfactual. ``latents`` and
+                ``generator`` give the positives the noise the family's pipeline would give them,
+                initial and per step (DDIM
                 with ``eta > 0``, ancestral and SDE samplers, LCM), and each counterfactual the same
                 noise as its positive. A step-end callback sees the doubled batch ``[positives,
                 counterfactuals]`` (``latents`` of ``2 × images``); setting ``pipe._interrupt`` there
@@ -372,7 +374,7 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         """
         if "prompt_embeds" in kwargs:
             raise ValueError(
-                "CounterfactualPipeline needs the prompt as text to replace the class words; pass `prompt`"
+                f"{type(self).__name__} needs the prompt as text to replace the class words; pass `prompt`"
             )
         if prompt is None:
             raise ValueError("`prompt` is required")
@@ -386,7 +388,15 @@ class CounterfactualPipeline(StableDiffusionPipeline):
             phrases = one_list_per_prompt(remove_phrases, len(prompts), "phrases to remove")
         removed = [[*w, *p] for w, p in zip(words, phrases)]  # what the counterfactual prompts replace
         height, width = default_size(self, height, width)
-        check_sampling_inputs(self, height, width, num_inference_steps, guidance_scale, resolutions)
+        family_defaults = inspect.signature(super().__call__).parameters
+        check_sampling_inputs(
+            self,
+            height,
+            width,
+            kwargs.get("num_inference_steps", family_defaults["num_inference_steps"].default),
+            kwargs.get("guidance_scale", family_defaults["guidance_scale"].default),
+            resolutions,
+        )
         self.check_counterfactual_inputs(
             height,
             width,
@@ -434,17 +444,16 @@ class CounterfactualPipeline(StableDiffusionPipeline):
             blend = BackgroundBlend(controller, words_per_image, threshold, blend_start, blend_dilation)
             callback_on_step_end = blend.chain(callback_on_step_end)
             tensor_inputs = sorted({*tensor_inputs, "latents"})
-        negative_prompts = negative_prompt_per_prompt(negative_prompt, len(prompts))
-        with attention_control(self.unet, controller), paired_scheduler_steps(self.scheduler, images_per_half):
+        text = doubled_text_arguments(prompts, counterfactual_prompts, removed, replacement, negative_prompt, kwargs)
+        with (
+            attention_control(denoiser_of(self), controller),
+            paired_scheduler_steps(self.scheduler, images_per_half),
+        ):
             final_latents = super().__call__(
-                prompt=prompts + counterfactual_prompts,
+                **text,
                 height=height,
                 width=width,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                negative_prompt=None if negative_prompts is None else negative_prompts * 2,
                 num_images_per_prompt=num_images_per_prompt,
-                eta=eta,
                 generator=doubled_generator,
                 latents=torch.cat([noise, noise]),
                 output_type="latent",
@@ -545,7 +554,7 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The positives' initial latents (unscaled, as ``latents`` is passed): drawn as Stable Diffusion draws them."""
+        """The positives' initial latents (unscaled, as ``latents`` is passed): drawn as the family's pipeline draws them."""
         shape = (images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is not None:
             if tuple(latents.shape) != shape:
@@ -555,8 +564,24 @@ class CounterfactualPipeline(StableDiffusionPipeline):
             return latents
         if isinstance(generator, list) and len(generator) != images:
             raise ValueError(f"got {len(generator)} generators for {images} images; give one per image, or one in all")
-        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        # The dtype of the prompt embeddings the family's pipeline draws its noise in (SDXL: its second encoder's).
+        encoder = getattr(self, "text_encoder_2", None) or self.text_encoder
+        dtype = encoder.dtype if encoder is not None else self.unet.dtype
         return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
+
+    def decode_to_pixels(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
+        """Decoded images ``(B, 3, H, W)`` in [0, 1], as the family's pipeline decodes them."""
+        raise NotImplementedError(f"{type(self).__name__} must say how its latents are decoded")
+
+
+class CounterfactualPipeline(CounterfactualMixin, StableDiffusionPipeline):
+    """Stable Diffusion that returns each image with its mask and a counterfactual without the object.
+
+    Loads from any Stable Diffusion checkpoint, e.g.
+    ``CounterfactualPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")``,
+    or with ``DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/counterfactual",
+    trust_remote_code=True)``. The call is :meth:`CounterfactualMixin.__call__`.
+    """
 
     def decode_to_pixels(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
         """Decoded images ``(B, 3, H, W)`` in [0, 1], through the safety checker as in ``StableDiffusionPipeline``."""
@@ -564,6 +589,40 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         image, nsfw = self.run_safety_checker(image, self._execution_device, latents.dtype)
         denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
         return self.image_processor.postprocess(image, output_type="pt", do_denormalize=denormalize)
+
+
+def doubled_text_arguments(
+    prompts: list[str],
+    counterfactual_prompts: list[str],
+    removed: list[list[str]],
+    replacement: str,
+    negative_prompt: str | list[str] | None,
+    kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    """The text arguments of the family pipeline's call over the batch ``[positives, counterfactuals]``.
+
+    ``prompt``: the positives then the counterfactuals. A family's further prompts (SDXL's
+    ``prompt_2``, for its second encoder), popped from ``kwargs``, lose the same words in the
+    counterfactuals. Negative prompts (``negative_prompt``, ``negative_prompt_2``), one for all or
+    one per prompt, are the same for a positive and its counterfactual.
+    """
+    text: dict[str, Any] = {"prompt": prompts + counterfactual_prompts}
+    for name in ("prompt_2", "prompt_3"):
+        other = kwargs.pop(name, None)
+        if other is not None:
+            others = [other] * len(prompts) if isinstance(other, str) else list(other)
+            if len(others) != len(prompts):
+                raise ValueError(f"got {len(prompts)} prompts but {len(others)} {name}s; give one, or one per prompt")
+            text[name] = others + [replace_words(o, r, replacement) for o, r in zip(others, removed)]
+    for name, value in (
+        ("negative_prompt", negative_prompt),
+        ("negative_prompt_2", kwargs.pop("negative_prompt_2", None)),
+        ("negative_prompt_3", kwargs.pop("negative_prompt_3", None)),
+    ):
+        negatives = negative_prompt_per_prompt(value, len(prompts))
+        if negatives is not None or name == "negative_prompt":
+            text[name] = None if negatives is None else negatives * 2
+    return text
 
 
 @contextmanager

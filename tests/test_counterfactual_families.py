@@ -1,0 +1,112 @@
+"""The counterfactual method (MagicSeg) on the other model families, beside each family's own pipeline.
+
+Tiny offline models (diffuseg.testing), 64-pixel images, 2 steps. The positives are the family
+pipeline's images for the same generator (injection and blending touch the counterfactual half
+only); the counterfactual differs from its positive where the object is, and nowhere else once
+blended.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from diffuseg.families import method_pipelines, pipeline_class_for
+from diffuseg.pipelines import CounterfactualXLPipeline
+from diffuseg.testing import save_tiny_pipeline, tiny_pipeline
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+# family: (counterfactual pipeline, the family's own pipeline, community folder, fast call arguments)
+FAMILIES = {
+    "sdxl": (
+        CounterfactualXLPipeline,
+        StableDiffusionXLPipeline,
+        "counterfactual_xl",
+        dict(num_inference_steps=2, height=64, width=64),
+    ),
+}
+PROMPT = "a photo of a dog on the grass"
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    counterfactual_class, plain_class, _, fast = FAMILIES[request.param]
+    pipe = tiny_pipeline(request.param, pipeline_class=counterfactual_class, seed=0)
+    plain = plain_class(**pipe.components)
+    plain.set_progress_bar_config(disable=True)
+    return request.param, pipe, plain, fast
+
+
+def generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_positives_are_the_family_pipelines_images_and_masks_are_labels(family):
+    name, pipe, plain, fast = family
+    expected = plain(PROMPT, generator=generator(), output_type="np", **fast).images
+    out = pipe(PROMPT, class_names=["dog", "grass"], generator=generator(), output_type="np", **fast)
+    np.testing.assert_allclose(out.images, expected, rtol=0, atol=1e-5)
+    assert out.negative_images.shape == out.images.shape
+    assert out.masks.shape == (1, 64, 64) and out.masks.dtype == np.uint8
+    assert set(np.unique(out.masks)) <= {0, 1, 2, 255}
+    assert out.attention_maps.shape == (1, 2, 64, 64) and np.isfinite(out.attention_maps).all()
+    assert out.difference_maps.shape == (1, 64, 64) and out.agreement.shape == (1,)
+
+
+def test_counterfactual_differs_from_the_positive_where_the_object_is(family):
+    name, pipe, plain, fast = family
+    out = pipe(PROMPT, class_names=["dog"], generator=generator(), output_type="np", **fast)
+    difference = np.abs(out.images[0] - out.negative_images[0]).mean(axis=-1)
+    object_pixels = out.masks[0] == 1
+    assert object_pixels.any() and not object_pixels.all()
+    assert difference[object_pixels].mean() > 1e-3
+    # Blended: outside the object region the counterfactual is the positive's background.
+    assert difference[object_pixels].mean() > 2 * difference[~object_pixels].mean()
+
+    # Without injection or blending only the noise is shared: the counterfactual is the family
+    # pipeline's image of the replaced prompt.
+    bare = pipe(PROMPT, class_names=["dog"], generator=generator(), output_type="np", replacement="nothing",
+                self_attention_fraction=0.0, cross_attention_fraction=0.0, blend_start=None, **fast)
+    replaced = plain("a photo of a nothing on the grass", generator=generator(), output_type="np", **fast).images
+    np.testing.assert_allclose(bare.negative_images, replaced, rtol=0, atol=1e-5)
+
+
+def test_family_prompts_and_negative_prompts_reach_both_halves(family):
+    name, pipe, plain, fast = family
+    if name != "sdxl":
+        pytest.skip("prompt_2 and negative_prompt_2 are SDXL's")
+    prompts = [PROMPT, "a cat"]
+    extra = dict(prompt_2=["a dog, grass", "a cat"], negative_prompt="blurry", negative_prompt_2=["dark", "dim"])
+    expected = plain(prompts, generator=generator(), output_type="np", **{**extra, "negative_prompt": ["blurry"] * 2},
+                     **fast).images
+    out = pipe(prompts, class_names=[["dog"], ["cat"]], generator=generator(), output_type="np",
+               self_attention_fraction=0.0, cross_attention_fraction=0.0, blend_start=None, **extra, **fast)
+    np.testing.assert_allclose(out.images, expected, rtol=0, atol=1e-5)
+    # The counterfactuals read prompt_2 without the class words too.
+    replaced = plain(["a photo of a nothing on the grass", "a nothing"], prompt_2=["a nothing, grass", "a nothing"],
+                     negative_prompt=["blurry"] * 2, negative_prompt_2=["dark", "dim"], generator=generator(),
+                     output_type="np", **fast).images
+    np.testing.assert_allclose(out.negative_images, replaced, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="2 prompts but 3 prompt_2s"):
+        pipe(prompts, class_names=[["dog"], ["cat"]], prompt_2=["a", "b", "c"], **fast)
+
+
+def test_registry_and_custom_pipeline_load(family, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    name, pipe, plain, fast = family
+    counterfactual_class, _, shim, _ = FAMILIES[name]
+    assert method_pipelines()["counterfactual"][name] is counterfactual_class
+    folder = save_tiny_pipeline(tmp_path / name, name, seed=0)
+    assert pipeline_class_for("counterfactual", folder) is counterfactual_class
+    loaded = DiffusionPipeline.from_pretrained(folder, custom_pipeline=str(REPO / "pipelines" / shim),
+                                               trust_remote_code=True)
+    assert type(loaded).__name__ == counterfactual_class.__name__
+    loaded.set_progress_bar_config(disable=True)
+    out = loaded("a dog", class_names=["dog"], generator=generator(), output_type="np", **fast)
+    expected = pipe("a dog", class_names=["dog"], generator=generator(), output_type="np", **fast)
+    np.testing.assert_allclose(out.negative_images, expected.negative_images, rtol=0, atol=1e-5)
+    assert np.array_equal(out.masks, expected.masks)
