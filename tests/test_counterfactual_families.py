@@ -11,21 +11,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
 from diffuseg.families import method_pipelines, pipeline_class_for
-from diffuseg.pipelines import CounterfactualXLPipeline
+from diffuseg.pipelines import CounterfactualSD3Pipeline, CounterfactualXLPipeline
 from diffuseg.testing import save_tiny_pipeline, tiny_pipeline
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
-# family: (counterfactual pipeline, the family's own pipeline, community folder, fast call arguments)
+# family: (counterfactual pipeline, the family's own pipeline, community folder, fast call arguments,
+#          the family's second-encoder prompt and its negative prompt)
 FAMILIES = {
     "sdxl": (
         CounterfactualXLPipeline,
         StableDiffusionXLPipeline,
         "counterfactual_xl",
         dict(num_inference_steps=2, height=64, width=64),
+        ("prompt_2", "negative_prompt_2"),
+    ),
+    "sd3": (
+        CounterfactualSD3Pipeline,
+        StableDiffusion3Pipeline,
+        "counterfactual_sd3",
+        dict(num_inference_steps=2, height=64, width=64, max_sequence_length=32),
+        ("prompt_3", "negative_prompt_3"),
     ),
 }
 PROMPT = "a photo of a dog on the grass"
@@ -33,7 +42,7 @@ PROMPT = "a photo of a dog on the grass"
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request):
-    counterfactual_class, plain_class, _, fast = FAMILIES[request.param]
+    counterfactual_class, plain_class, _, fast, _ = FAMILIES[request.param]
     pipe = tiny_pipeline(request.param, pipeline_class=counterfactual_class, seed=0)
     plain = plain_class(**pipe.components)
     plain.set_progress_bar_config(disable=True)
@@ -76,29 +85,28 @@ def test_counterfactual_differs_from_the_positive_where_the_object_is(family):
 
 def test_family_prompts_and_negative_prompts_reach_both_halves(family):
     name, pipe, plain, fast = family
-    if name != "sdxl":
-        pytest.skip("prompt_2 and negative_prompt_2 are SDXL's")
+    second, second_negative = FAMILIES[name][4]
     prompts = [PROMPT, "a cat"]
-    extra = dict(prompt_2=["a dog, grass", "a cat"], negative_prompt="blurry", negative_prompt_2=["dark", "dim"])
+    extra = {second: ["a dog, grass", "a cat"], "negative_prompt": "blurry", second_negative: ["dark", "dim"]}
     expected = plain(prompts, generator=generator(), output_type="np", **{**extra, "negative_prompt": ["blurry"] * 2},
                      **fast).images
     out = pipe(prompts, class_names=[["dog"], ["cat"]], generator=generator(), output_type="np",
                self_attention_fraction=0.0, cross_attention_fraction=0.0, blend_start=None, **extra, **fast)
     np.testing.assert_allclose(out.images, expected, rtol=0, atol=1e-5)
-    # The counterfactuals read prompt_2 without the class words too.
-    replaced = plain(["a photo of a nothing on the grass", "a nothing"], prompt_2=["a nothing, grass", "a nothing"],
-                     negative_prompt=["blurry"] * 2, negative_prompt_2=["dark", "dim"], generator=generator(),
-                     output_type="np", **fast).images
+    # The counterfactuals read the second prompt without the class words too.
+    replaced = plain(["a photo of a nothing on the grass", "a nothing"], generator=generator(), output_type="np",
+                     **{**extra, second: ["a nothing, grass", "a nothing"], "negative_prompt": ["blurry"] * 2},
+                     **fast).images
     np.testing.assert_allclose(out.negative_images, replaced, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="2 prompts but 3 prompt_2s"):
-        pipe(prompts, class_names=[["dog"], ["cat"]], prompt_2=["a", "b", "c"], **fast)
+    with pytest.raises(ValueError, match=f"2 prompts but 3 {second}s"):
+        pipe(prompts, class_names=[["dog"], ["cat"]], **{second: ["a", "b", "c"]}, **fast)
 
 
 def test_registry_and_custom_pipeline_load(family, tmp_path):
     from diffusers import DiffusionPipeline
 
     name, pipe, plain, fast = family
-    counterfactual_class, _, shim, _ = FAMILIES[name]
+    counterfactual_class, _, shim, _, _ = FAMILIES[name]
     assert method_pipelines()["counterfactual"][name] is counterfactual_class
     folder = save_tiny_pipeline(tmp_path / name, name, seed=0)
     assert pipeline_class_for("counterfactual", folder) is counterfactual_class
@@ -110,3 +118,19 @@ def test_registry_and_custom_pipeline_load(family, tmp_path):
     expected = pipe("a dog", class_names=["dog"], generator=generator(), output_type="np", **fast)
     np.testing.assert_allclose(out.negative_images, expected.negative_images, rtol=0, atol=1e-5)
     assert np.array_equal(out.masks, expected.masks)
+
+
+def test_sd3_without_t5_and_with_injected_self_attention():
+    pipe = tiny_pipeline("sd3", pipeline_class=CounterfactualSD3Pipeline, seed=0, t5=False)
+    plain = StableDiffusion3Pipeline(**pipe.components)
+    plain.set_progress_bar_config(disable=True)
+    fast = FAMILIES["sd3"][3]
+    expected = plain(PROMPT, generator=generator(), output_type="np", **fast).images
+    out = pipe(PROMPT, class_names=["dog"], generator=generator(), output_type="np", **fast)
+    np.testing.assert_allclose(out.images, expected, rtol=0, atol=1e-5)
+    assert set(np.unique(out.masks)) <= {0, 1, 255}
+    # The 16² patch grid's affinity injected too: the counterfactual moves, the positive does not.
+    injected = pipe(PROMPT, class_names=["dog"], generator=generator(), output_type="np",
+                    self_attention_resolutions=[16], **fast)
+    np.testing.assert_allclose(injected.images, expected, rtol=0, atol=1e-5)
+    assert not np.allclose(injected.negative_images, out.negative_images, atol=1e-6)

@@ -38,6 +38,7 @@ from diffusers import (
 
 from diffuseg.pipelines import (
     CounterfactualPipeline,
+    CounterfactualSD3Pipeline,
     CounterfactualXLPipeline,
     DiffuMaskFluxPipeline,
     DiffuMaskPipeline,
@@ -188,6 +189,9 @@ CASES += [
     # The counterfactual's positives, beside the family's own pipeline; its callbacks see both halves.
     ParityCase("counterfactual-sdxl", CounterfactualXLPipeline, StableDiffusionXLPipeline, tiny_sdxl_components,
                callback_batch=2, **DIFFUMASK_ARGUMENTS),
+    ParityCase("counterfactual-sd3", CounterfactualSD3Pipeline, StableDiffusion3Pipeline, tiny_sd3_components,
+               schedulers=FLOW_SCHEDULERS, custom_schedules=FLOW_CUSTOM_SCHEDULES, callback_batch=2,
+               **DIFFUMASK_ARGUMENTS),
 ]
 
 

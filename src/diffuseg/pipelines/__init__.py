@@ -1,7 +1,7 @@
 """The package's diffusion pipelines, all ``diffusers.DiffusionPipeline`` subclasses."""
 
 from diffuseg.pipelines.counterfactual import CounterfactualAttention, CounterfactualOutput, CounterfactualPipeline
-from diffuseg.pipelines.counterfactual_families import CounterfactualXLPipeline
+from diffuseg.pipelines.counterfactual_families import CounterfactualSD3Pipeline, CounterfactualXLPipeline
 from diffuseg.pipelines.diffumask import DiffuMaskPipeline, DiffuMaskPipelineOutput
 from diffuseg.pipelines.diffumask_families import DiffuMaskFluxPipeline, DiffuMaskSD3Pipeline, DiffuMaskXLPipeline
 from diffuseg.pipelines.maskdiffusion import MaskDiffusionSegOutput, MaskDiffusionSegPipeline
@@ -11,6 +11,7 @@ __all__ = [
     "CounterfactualAttention",
     "CounterfactualOutput",
     "CounterfactualPipeline",
+    "CounterfactualSD3Pipeline",
     "CounterfactualXLPipeline",
     "DiffuMaskFluxPipeline",
     "DiffuMaskPipeline",

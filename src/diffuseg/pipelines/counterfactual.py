@@ -56,7 +56,7 @@ from diffuseg.masks import (
     thresholds,
     upsample,
 )
-from diffuseg.backends import denoiser_of
+from diffuseg.backends import backend_for, denoiser_of, mmdit
 from diffuseg.models import pipeline_defaults
 from diffuseg.pipelines.checks import check_sampling_inputs, default_size
 from diffuseg.pipelines.diffumask import (
@@ -67,7 +67,7 @@ from diffuseg.pipelines.diffumask import (
     recorded_attention,
     self_attention_height,
 )
-from diffuseg.tokens import replace_words, replacement_token_alignment, token_weights
+from diffuseg.tokens import TextSegment, replace_words, replacement_token_alignment, sequence_token_weights
 
 DIFFERENCE_SOURCES = ("image", "latent")
 FUSIONS = ("geometric", "mean")
@@ -127,6 +127,8 @@ class CounterfactualAttention(AttentionStore):
             ``MAX_SELF_ATTENTION_TOKENS`` (32²) positions. Explicit self-attention costs
             ``O(positions²)``: the finest level alone costs 16× the next one.
         resolutions, steps, self_attention_resolution: recording, as in :class:`AttentionStore`.
+        rows_are_text_share: the cross-attention rows are the text keys' part of a joint softmax
+            (MM-DiT): an edited row keeps the counterfactual's own text share instead of summing to one.
     """
 
     def __init__(
@@ -139,8 +141,10 @@ class CounterfactualAttention(AttentionStore):
         resolutions: Iterable[int] | None = None,
         steps: StepWindow | Callable[[], StepWindow] | None = None,
         self_attention_resolution: int | None = None,
+        rows_are_text_share: bool = False,
     ) -> None:
         super().__init__(token_weights, resolutions, steps, self_attention_resolution)
+        self.rows_are_text_share = rows_are_text_share
         if token_alignment.shape[:1] != token_weights.shape[:1]:
             raise ValueError(
                 f"token_alignment is for {token_alignment.shape[0]} images, token_weights for {token_weights.shape[0]}"
@@ -199,8 +203,12 @@ class CounterfactualAttention(AttentionStore):
         alignment = self.token_alignment.to(positive.device)[:, None, None, :]
         copied = positive.gather(-1, alignment.clamp_min(0).expand_as(counterfactual))
         mixed = torch.where(alignment >= 0, copied, counterfactual)
-        # Copied rows lose the class words' share and gain the replacement's: keep them distributions.
-        return mixed / mixed.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        # Copied rows lose the class words' share and gain the replacement's: keep them distributions
+        # (of the counterfactual's own text share, for an MM-DiT's joint softmax).
+        total = mixed.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        if self.rows_are_text_share:
+            return mixed * (counterfactual.sum(dim=-1, keepdim=True) / total)
+        return mixed / total
 
 
 class BackgroundBlend:
@@ -414,13 +422,24 @@ class CounterfactualMixin:
             raise ValueError(f"blend_dilation must be a number of latent pixels >= 0, got {blend_dilation}")
         counterfactual_prompts = [replace_words(p, r, replacement) for p, r in zip(prompts, removed)]
         images_per_half = len(prompts) * num_images_per_prompt
+        text = doubled_text_arguments(prompts, counterfactual_prompts, removed, replacement, negative_prompt, kwargs)
+        backend = backend_for(denoiser_of(self))
 
-        # 1. Where the positives' class words are, and which counterfactual token stands for which positive token.
-        weights = token_weights(self.tokenizer, prompts, words, num_images_per_prompt)
-        alignment = torch.stack(
-            [replacement_token_alignment(self.tokenizer, p, r, replacement) for p, r in zip(prompts, removed)]
-        ).repeat_interleave(num_images_per_prompt, dim=0)
+        # 1. Where the positives' class words are, and which counterfactual token stands for which positive token,
+        # in every tokenizer's stretch of the denoiser's text sequence.
+        sequence = {name: value[: len(prompts)] for name, value in text.items() if name in ("prompt_2", "prompt_3")}
+        if "max_sequence_length" in family_defaults:
+            sequence["max_sequence_length"] = kwargs.get(
+                "max_sequence_length", family_defaults["max_sequence_length"].default
+            )
+        segments = backend.text_segments(self, prompts, sequence)
+        weights = sequence_token_weights(segments, words, num_images_per_prompt)
+        alignment = sequence_token_alignment(segments, removed, replacement).repeat_interleave(
+            num_images_per_prompt, dim=0
+        )
         latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        per_position = backend.pixels_per_position(self)
+        grid = (height // per_position, width // per_position)
         # Windows span the schedule run, known once the pipeline has set its timesteps.
         controller = CounterfactualAttention(
             weights,
@@ -430,7 +449,9 @@ class CounterfactualMixin:
             self_attention_resolutions=self_attention_resolutions,
             resolutions=resolutions,
             steps=lambda: step_window(attention_steps, self.num_timesteps),
-            self_attention_resolution=self_attention_height(latent_size) if refine else None,
+            self_attention_resolution=self_attention_height(grid) if refine else None,
+            # An MM-DiT's image -> text probabilities are a share of a joint softmax, not whole rows.
+            rows_are_text_share=backend is mmdit,
         )
 
         # 2. One denoising loop over [positives, counterfactuals] from the same noise.
@@ -444,7 +465,6 @@ class CounterfactualMixin:
             blend = BackgroundBlend(controller, words_per_image, threshold, blend_start, blend_dilation)
             callback_on_step_end = blend.chain(callback_on_step_end)
             tensor_inputs = sorted({*tensor_inputs, "latents"})
-        text = doubled_text_arguments(prompts, counterfactual_prompts, removed, replacement, negative_prompt, kwargs)
         with (
             attention_control(denoiser_of(self), controller),
             paired_scheduler_steps(self.scheduler, images_per_half),
@@ -555,7 +575,8 @@ class CounterfactualMixin:
         latents: torch.Tensor | None,
     ) -> torch.Tensor:
         """The positives' initial latents (unscaled, as ``latents`` is passed): drawn as the family's pipeline draws them."""
-        shape = (images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        denoiser = denoiser_of(self)
+        shape = (images, denoiser.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(
@@ -566,7 +587,7 @@ class CounterfactualMixin:
             raise ValueError(f"got {len(generator)} generators for {images} images; give one per image, or one in all")
         # The dtype of the prompt embeddings the family's pipeline draws its noise in (SDXL: its second encoder's).
         encoder = getattr(self, "text_encoder_2", None) or self.text_encoder
-        dtype = encoder.dtype if encoder is not None else self.unet.dtype
+        dtype = encoder.dtype if encoder is not None else denoiser.dtype
         return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
 
     def decode_to_pixels(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
@@ -589,6 +610,28 @@ class CounterfactualPipeline(CounterfactualMixin, StableDiffusionPipeline):
         image, nsfw = self.run_safety_checker(image, self._execution_device, latents.dtype)
         denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
         return self.image_processor.postprocess(image, output_type="pt", do_denormalize=denormalize)
+
+
+def sequence_token_alignment(segments: list[TextSegment], removed: list[list[str]], replacement: str) -> torch.Tensor:
+    """``(prompts, sequence length)``: :func:`~diffuseg.tokens.replacement_token_alignment` over every stretch.
+
+    Each tokenizer's stretch (SD3: CLIP then T5) is aligned on its own prompts and shifted to its
+    place in the sequence; a stretch with no tokenizer (SD3 without T5: zeros) maps to itself.
+    """
+    rows = []
+    for i, words in enumerate(removed):
+        parts, offset = [], 0
+        for segment in segments:
+            if segment.tokenizer is None:
+                parts.append(torch.arange(segment.length) + offset)
+            else:
+                part = replacement_token_alignment(
+                    segment.tokenizer, segment.prompts[i], words, replacement, segment.length
+                )
+                parts.append(torch.where(part >= 0, part + offset, part))
+            offset += segment.length
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
 
 
 def doubled_text_arguments(
