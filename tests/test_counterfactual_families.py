@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
 from diffuseg.families import method_pipelines, pipeline_class_for
-from diffuseg.pipelines import CounterfactualSD3Pipeline, CounterfactualXLPipeline
+from diffuseg.pipelines import CounterfactualFluxPipeline, CounterfactualSD3Pipeline, CounterfactualXLPipeline
 from diffuseg.testing import save_tiny_pipeline, tiny_pipeline
 
 torch.set_num_threads(1)
@@ -35,6 +35,14 @@ FAMILIES = {
         "counterfactual_sd3",
         dict(num_inference_steps=2, height=64, width=64, max_sequence_length=32),
         ("prompt_3", "negative_prompt_3"),
+    ),
+    # FLUX-dev, guidance-distilled: its negative prompts count only under true_cfg_scale > 1 (refused).
+    "flux": (
+        CounterfactualFluxPipeline,
+        FluxPipeline,
+        "counterfactual_flux",
+        dict(num_inference_steps=2, height=64, width=64, max_sequence_length=32),
+        ("prompt_2", "negative_prompt_2"),
     ),
 }
 PROMPT = "a photo of a dog on the grass"
@@ -134,3 +142,14 @@ def test_sd3_without_t5_and_with_injected_self_attention():
                     self_attention_resolutions=[16], **fast)
     np.testing.assert_allclose(injected.images, expected, rtol=0, atol=1e-5)
     assert not np.allclose(injected.negative_images, out.negative_images, atol=1e-6)
+
+
+def test_flux_latent_difference_and_true_guidance_refused():
+    pipe = tiny_pipeline("flux", pipeline_class=CounterfactualFluxPipeline, seed=0)
+    fast = FAMILIES["flux"][3]
+    out = pipe(PROMPT, class_names=["dog"], generator=generator(), output_type="latent", difference_source="latent",
+               **fast)
+    assert out.images.shape == out.negative_images.shape == (1, 256, 4)  # packed, as FluxPipeline returns them
+    assert out.difference_maps.shape == (1, 64, 64) and out.difference_maps.max() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="true_cfg_scale > 1"):
+        pipe(PROMPT, class_names=["dog"], negative_prompt="blurry", true_cfg_scale=2.0, **fast)

@@ -37,6 +37,7 @@ from diffusers import (
 )
 
 from diffuseg.pipelines import (
+    CounterfactualFluxPipeline,
     CounterfactualPipeline,
     CounterfactualSD3Pipeline,
     CounterfactualXLPipeline,
@@ -192,6 +193,9 @@ CASES += [
     ParityCase("counterfactual-sd3", CounterfactualSD3Pipeline, StableDiffusion3Pipeline, tiny_sd3_components,
                schedulers=FLOW_SCHEDULERS, custom_schedules=FLOW_CUSTOM_SCHEDULES, callback_batch=2,
                **DIFFUMASK_ARGUMENTS),
+    ParityCase("counterfactual-flux", CounterfactualFluxPipeline, FluxPipeline, tiny_flux_components,
+               schedulers=FLOW_SCHEDULERS[:1], custom_schedules=FLOW_CUSTOM_SCHEDULES, callback_batch=2,
+               checks=ALL_CHECKS - {"negative_prompt", "negative_prompt_per_prompt"}, **DIFFUMASK_ARGUMENTS),
 ]
 
 

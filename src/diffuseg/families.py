@@ -43,6 +43,7 @@ def method_pipelines() -> dict[str, dict[str, type]]:
             "sd": pipelines.CounterfactualPipeline,
             "sdxl": pipelines.CounterfactualXLPipeline,
             "sd3": pipelines.CounterfactualSD3Pipeline,
+            "flux": pipelines.CounterfactualFluxPipeline,
         },
         "freemask": {"sd": pipelines.FreeMaskEditPipeline},
         "maskdiffusion": {"sd": pipelines.MaskDiffusionSegPipeline},

@@ -250,8 +250,11 @@ class BackgroundBlend:
         if step + 1 < round(self.start_fraction * pipe.num_timesteps):
             return callback_kwargs
         latents = callback_kwargs["latents"]
-        region = self.object_region(tuple(latents.shape[-2:]))
+        packed = latents.ndim == 3  # FLUX: (B, patch-grid positions, channels), one token per grid position
+        region = self.object_region(self.store.latent_size if packed else tuple(latents.shape[-2:]))
         if region is not None:
+            if packed:
+                region = region.flatten(2).transpose(1, 2)
             positive, counterfactual = latents.chunk(2)
             blended = region.to(latents) * counterfactual + (1 - region.to(latents)) * positive
             callback_kwargs["latents"] = torch.cat([positive, blended])
@@ -268,12 +271,15 @@ class BackgroundBlend:
 
 
 class CounterfactualMixin:
-    """The counterfactual method's ``__call__`` over any UNet family pipeline it is mixed into (first in the bases).
+    """The counterfactual method's ``__call__`` over any family pipeline it is mixed into (first in the bases).
 
-    The method lives here once: prompts and their counterfactuals, the injecting controller, the
-    doubled batch with paired scheduler steps, background blending, the two mask signals and
-    their fusion. A family class contributes :meth:`decode_to_pixels` (how its VAE output
-    becomes pixels); its own ``__call__`` drives the denoiser.
+    The method lives here once: prompts and their counterfactuals, the token tables over the
+    denoiser's text sequence, the injecting controller, the doubled batch with paired scheduler
+    steps, background blending, the two mask signals and their fusion. A family class
+    contributes :meth:`decode_to_pixels` (how its VAE output becomes pixels) and, where its
+    latents differ from SD's, :meth:`initial_noise` and :meth:`unpack_latents` (FLUX packs them);
+    its own ``__call__`` drives the denoiser, and its backend (:mod:`diffuseg.backends`) reads
+    and edits the attention.
     """
 
     @torch.no_grad()
@@ -420,6 +426,7 @@ class CounterfactualMixin:
             raise ValueError(f"blend_start must be a number in [0, 1] or None, got {blend_start!r}")
         if blend_dilation < 0:
             raise ValueError(f"blend_dilation must be a number of latent pixels >= 0, got {blend_dilation}")
+        self.check_family_inputs(negative_prompt, kwargs)
         counterfactual_prompts = [replace_words(p, r, replacement) for p, r in zip(prompts, removed)]
         images_per_half = len(prompts) * num_images_per_prompt
         text = doubled_text_arguments(prompts, counterfactual_prompts, removed, replacement, negative_prompt, kwargs)
@@ -483,7 +490,8 @@ class CounterfactualMixin:
                 **kwargs,
             ).images
         needs_pixels = output_type != "latent" or difference_source == "image"
-        pixels = self.decode_to_pixels(final_latents, doubled_generator) if needs_pixels else None
+        unpacked = self.unpack_latents(final_latents, height, width)
+        pixels = self.decode_to_pixels(unpacked, doubled_generator) if needs_pixels else None
         if pixels is not None and blend_start is not None:
             region = blend.object_region(latent_size)
             if region is not None:
@@ -499,7 +507,7 @@ class CounterfactualMixin:
             positive, negative = pixels.float().chunk(2)
             difference = (positive - negative).abs().mean(dim=1)
         else:
-            positive, negative = final_latents.float().chunk(2)
+            positive, negative = unpacked.float().chunk(2)
             difference = upsample((positive - negative).abs().mean(dim=1), (height, width))
         difference = normalize_max(difference.to(attention.device))
 
@@ -591,8 +599,15 @@ class CounterfactualMixin:
         return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
 
     def decode_to_pixels(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
-        """Decoded images ``(B, 3, H, W)`` in [0, 1], as the family's pipeline decodes them."""
+        """Decoded images ``(B, 3, H, W)`` in [0, 1] of ``(B, C, h, w)`` latents, as the family's pipeline decodes them."""
         raise NotImplementedError(f"{type(self).__name__} must say how its latents are decoded")
+
+    def check_family_inputs(self, negative_prompt: str | list[str] | None, kwargs: dict[str, Any]) -> None:
+        """Refuse the family pipeline's arguments the method cannot follow (none, but for FLUX's true guidance)."""
+
+    def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The family pipeline's latents as ``(B, C, h, w)``: as they are, but for FLUX, which packs them."""
+        return latents
 
 
 class CounterfactualPipeline(CounterfactualMixin, StableDiffusionPipeline):
