@@ -15,7 +15,9 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLP
 
 from diffuseg.families import method_pipelines, pipeline_class_for
 from diffuseg.pipelines import CounterfactualFluxPipeline, CounterfactualSD3Pipeline, CounterfactualXLPipeline
-from diffuseg.testing import save_tiny_pipeline, tiny_pipeline
+from diffuseg.pipelines.counterfactual import sequence_token_alignment
+from diffuseg.testing import build_clip_tokenizer, build_t5_tokenizer, save_tiny_pipeline, tiny_pipeline
+from diffuseg.tokens import TextSegment, replacement_token_alignment
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -153,3 +155,18 @@ def test_flux_latent_difference_and_true_guidance_refused():
     assert out.difference_maps.shape == (1, 64, 64) and out.difference_maps.max() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="true_cfg_scale > 1"):
         pipe(PROMPT, class_names=["dog"], negative_prompt="blurry", true_cfg_scale=2.0, **fast)
+
+
+def test_alignment_over_clip_then_t5_stretches():
+    clip, t5 = build_clip_tokenizer(), build_t5_tokenizer()
+    # T5 has no begin token: a replaced first word has no counterpart (CLIP's position 0 is its begin token).
+    first = replacement_token_alignment(t5, "dog on the grass", ["dog"], "nothing", 8)
+    assert first.tolist() == [-1, 1, 2, 3, 4, 5, 6, 7]
+    segments = [TextSegment(clip, 77, ["dog on the grass"], "CLIP"), TextSegment(t5, 8, ["a dog"], "T5"),
+                TextSegment(None, 4, ["a dog"], "T5")]
+    alignment = sequence_token_alignment(segments, [["dog"]], "nothing")
+    assert alignment.shape == (1, 77 + 8 + 4)
+    torch.testing.assert_close(alignment[0, :77], replacement_token_alignment(clip, "dog on the grass", ["dog"],
+                                                                              "nothing"))
+    assert alignment[0, 77:85].tolist() == [77, -1, 79, 80, 81, 82, 83, 84]  # "a nothing</s>": shifted past CLIP
+    assert alignment[0, 85:].tolist() == [85, 86, 87, 88]  # no T5 encoder: zeros copied as they are
