@@ -327,16 +327,16 @@ class CounterfactualMixin:
             height, width: image size, multiples of 8 (default: the model's native size).
             negative_prompt, num_images_per_prompt, generator, latents, output_type, return_dict,
             callback_on_step_end, callback_on_step_end_tensor_inputs: as in the family's pipeline
-                (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``); every other keyword
-                argument (``num_inference_steps``, ``guidance_scale``, ``eta``, ``timesteps``,
-                ``sigmas``, SDXL's ``original_size``, ...) is passed through to it, with its defaults.
-                ``negative_prompt`` (and SDXL's ``negative_prompt_2``): one string for every prompt,
-                or one per prompt; the counterfactuals share their positive's. SDXL's ``prompt_2``
-                loses the same words as the prompt in the counterfactual. ``latents`` and
-                ``generator`` give the positives the noise the family's pipeline would give them,
-                initial and per step (DDIM
-                with ``eta > 0``, ancestral and SDE samplers, LCM), and each counterfactual the same
-                noise as its positive. A step-end callback sees the doubled batch ``[positives,
+                (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``,
+                ``FluxPipeline``); every other keyword argument (``num_inference_steps``,
+                ``guidance_scale``, ``eta``, ``timesteps``, ``sigmas``, ``max_sequence_length``, ...)
+                is passed through to it, with its defaults. ``negative_prompt`` (and
+                ``negative_prompt_2``/``_3``): one string for every prompt, or one per prompt; the
+                counterfactuals share their positive's. ``prompt_2``/``prompt_3`` (the other text
+                encoders' prompts) lose the same words as the prompt in the counterfactual.
+                ``latents`` and ``generator`` give the positives the noise the family's pipeline
+                would give them, initial and per step (DDIM with ``eta > 0``, ancestral and SDE
+                samplers, LCM), and each counterfactual the same noise as its positive. A step-end callback sees the doubled batch ``[positives,
                 counterfactuals]`` (``latents`` of ``2 × images``); setting ``pipe._interrupt`` there
                 stops both halves at that step, and the masks come from the attention recorded until
                 then (all background if it stopped before ``attention_steps`` began).
@@ -360,7 +360,9 @@ class CounterfactualMixin:
                 level but the finest with at most 32² positions -- 32², 16², 8² for SD at 512²
                 (prompt-to-prompt's choice; the finest, 64², would cost 16× the 32² level), 8² for
                 16² latents (ShapesWorld, the tiny test models). Add the finest level for a
-                slightly closer counterfactual at several times the cost on CPU.
+                slightly closer counterfactual at several times the cost on CPU. SD3 and FLUX have
+                one level, the patch grid (64² at 1024²), so by default none: name it to inject
+                the image → image share of the joint attention too.
             blend_start: fraction of the steps after which the counterfactual's latents outside the
                 object are the positive's (blended latents); ``None``: never (the scene is then
                 kept by the shared noise and the injection alone).
