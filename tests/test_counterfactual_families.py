@@ -14,9 +14,18 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLPipeline
 
 from diffuseg.families import method_pipelines, pipeline_class_for
-from diffuseg.pipelines import CounterfactualFluxPipeline, CounterfactualSD3Pipeline, CounterfactualXLPipeline
+from diffuseg.pipelines import (
+    CounterfactualFluxPipeline,
+    CounterfactualSD3Pipeline,
+    CounterfactualXLPipeline,
+)
 from diffuseg.pipelines.counterfactual import sequence_token_alignment
-from diffuseg.testing import build_clip_tokenizer, build_t5_tokenizer, save_tiny_pipeline, tiny_pipeline
+from diffuseg.testing import (
+    build_clip_tokenizer,
+    build_t5_tokenizer,
+    save_tiny_pipeline,
+    tiny_pipeline,
+)
 from diffuseg.tokens import TextSegment, replacement_token_alignment
 
 torch.set_num_threads(1)
@@ -64,7 +73,7 @@ def generator(seed=0):
 
 
 def test_positives_are_the_family_pipelines_images_and_masks_are_labels(family):
-    name, pipe, plain, fast = family
+    _, pipe, plain, fast = family
     expected = plain(PROMPT, generator=generator(), output_type="np", **fast).images
     out = pipe(PROMPT, class_names=["dog", "grass"], generator=generator(), output_type="np", **fast)
     np.testing.assert_allclose(out.images, expected, rtol=0, atol=1e-5)
@@ -76,7 +85,7 @@ def test_positives_are_the_family_pipelines_images_and_masks_are_labels(family):
 
 
 def test_counterfactual_differs_from_the_positive_where_the_object_is(family):
-    name, pipe, plain, fast = family
+    _, pipe, plain, fast = family
     out = pipe(PROMPT, class_names=["dog"], generator=generator(), output_type="np", **fast)
     difference = np.abs(out.images[0] - out.negative_images[0]).mean(axis=-1)
     object_pixels = out.masks[0] == 1
@@ -115,7 +124,7 @@ def test_family_prompts_and_negative_prompts_reach_both_halves(family):
 def test_registry_and_custom_pipeline_load(family, tmp_path):
     from diffusers import DiffusionPipeline
 
-    name, pipe, plain, fast = family
+    name, pipe, _, fast = family
     counterfactual_class, _, shim, _, _ = FAMILIES[name]
     assert method_pipelines()["counterfactual"][name] is counterfactual_class
     folder = save_tiny_pipeline(tmp_path / name, name, seed=0)

@@ -49,6 +49,7 @@ from diffuseg.attention import (
     attention_control,
     step_window,
 )
+from diffuseg.backends import backend_for, denoiser_of, mmdit
 from diffuseg.masks import (
     aggregate_resolutions,
     label_map,
@@ -56,7 +57,6 @@ from diffuseg.masks import (
     thresholds,
     upsample,
 )
-from diffuseg.backends import backend_for, denoiser_of, mmdit
 from diffuseg.models import pipeline_defaults
 from diffuseg.pipelines.checks import check_sampling_inputs, default_size
 from diffuseg.pipelines.diffumask import (
@@ -67,7 +67,12 @@ from diffuseg.pipelines.diffumask import (
     recorded_attention,
     self_attention_height,
 )
-from diffuseg.tokens import TextSegment, replace_words, replacement_token_alignment, sequence_token_weights
+from diffuseg.tokens import (
+    TextSegment,
+    replace_words,
+    replacement_token_alignment,
+    sequence_token_weights,
+)
 
 DIFFERENCE_SOURCES = ("image", "latent")
 FUSIONS = ("geometric", "mean")
