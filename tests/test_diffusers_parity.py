@@ -37,7 +37,10 @@ from diffusers import (
 )
 
 from diffuseg.pipelines import (
+    CounterfactualFluxPipeline,
     CounterfactualPipeline,
+    CounterfactualSD3Pipeline,
+    CounterfactualXLPipeline,
     DiffuMaskFluxPipeline,
     DiffuMaskPipeline,
     DiffuMaskSD3Pipeline,
@@ -183,6 +186,15 @@ CASES += [
     # FLUX-dev is guidance-distilled: a negative prompt counts only with true_cfg_scale, not checked here.
     ParityCase("diffumask-flux", DiffuMaskFluxPipeline, FluxPipeline, tiny_flux_components,
                schedulers=FLOW_SCHEDULERS[:1], custom_schedules=FLOW_CUSTOM_SCHEDULES,
+               checks=ALL_CHECKS - {"negative_prompt", "negative_prompt_per_prompt"}, **DIFFUMASK_ARGUMENTS),
+    # The counterfactual's positives, beside the family's own pipeline; its callbacks see both halves.
+    ParityCase("counterfactual-sdxl", CounterfactualXLPipeline, StableDiffusionXLPipeline, tiny_sdxl_components,
+               callback_batch=2, **DIFFUMASK_ARGUMENTS),
+    ParityCase("counterfactual-sd3", CounterfactualSD3Pipeline, StableDiffusion3Pipeline, tiny_sd3_components,
+               schedulers=FLOW_SCHEDULERS, custom_schedules=FLOW_CUSTOM_SCHEDULES, callback_batch=2,
+               **DIFFUMASK_ARGUMENTS),
+    ParityCase("counterfactual-flux", CounterfactualFluxPipeline, FluxPipeline, tiny_flux_components,
+               schedulers=FLOW_SCHEDULERS[:1], custom_schedules=FLOW_CUSTOM_SCHEDULES, callback_batch=2,
                checks=ALL_CHECKS - {"negative_prompt", "negative_prompt_per_prompt"}, **DIFFUMASK_ARGUMENTS),
 ]
 

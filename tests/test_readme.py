@@ -322,3 +322,6 @@ def test_model_families_example_on_tiny_models_of_each_family(tmp_path):
     width, height = out.images[0].size
     assert masks.shape[1:] == (height, width) and set(np.unique(masks)) <= {0, 1, 2, 255}
     assert namespace["maps"]["dog"].shape == (1, height, width)
+    pair = namespace["pair"]  # SD3's counterfactual pair
+    assert len(pair.negative_images) == len(pair.images) == 1
+    assert set(np.unique(np.asarray(pair.masks[0]))) <= {0, 1, 255}

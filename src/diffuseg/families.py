@@ -39,7 +39,12 @@ def method_pipelines() -> dict[str, dict[str, type]]:
             "sd3": pipelines.DiffuMaskSD3Pipeline,
             "flux": pipelines.DiffuMaskFluxPipeline,
         },
-        "counterfactual": {"sd": pipelines.CounterfactualPipeline},
+        "counterfactual": {
+            "sd": pipelines.CounterfactualPipeline,
+            "sdxl": pipelines.CounterfactualXLPipeline,
+            "sd3": pipelines.CounterfactualSD3Pipeline,
+            "flux": pipelines.CounterfactualFluxPipeline,
+        },
         "freemask": {"sd": pipelines.FreeMaskEditPipeline},
         "maskdiffusion": {"sd": pipelines.MaskDiffusionSegPipeline},
     }

@@ -221,7 +221,8 @@ def pipeline_defaults(pipe) -> ModelDefaults:
 
 # --------------------------------------------------------------------------- community pipelines
 COMMUNITY_PIPELINES = (
-    "counterfactual", "diffumask", "diffumask_flux", "diffumask_sd3", "diffumask_xl", "freemask", "maskdiffusion",
+    "counterfactual", "counterfactual_flux", "counterfactual_sd3", "counterfactual_xl", "diffumask", "diffumask_flux", "diffumask_sd3",
+    "diffumask_xl", "freemask", "maskdiffusion",
 )
 """The pipelines that load as diffusers community pipelines (``custom_pipeline=``)."""
 

@@ -165,8 +165,8 @@ def replacement_token_alignment(
 ) -> torch.Tensor:
     """Which token of the encoded ``prompt`` each token of the encoded :func:`replace_words` prompt stands for.
 
-    Both prompts are encoded as Stable Diffusion pipelines encode them (begin token,
-    truncation, padding to ``max_length``, default ``tokenizer.model_max_length``). Text
+    Both prompts are encoded as the pipelines encode them (CLIP's begin token, truncation,
+    padding to ``max_length``, default ``tokenizer.model_max_length``; T5's end token). Text
     outside the replaced words is the same in both, so its tokens are matched through
     character offsets, whatever the replacement does to token counts; the end tokens match,
     and padding matches padding counted from the end token.
@@ -198,10 +198,12 @@ def replacement_token_alignment(
         if end > start
     }
 
+    # CLIP begins with a start token; T5 (SentencePiece) has none and begins with the text.
+    begin = int(tokenizer.bos_token_id is not None and source_encoding["input_ids"][0] == tokenizer.bos_token_id)
     alignment = torch.full((max_length,), -1, dtype=torch.long)
-    alignment[0] = 0
+    alignment[:begin] = 0
     alignment[target_length - 1] = source_length - 1
-    for j, (start, end) in enumerate(target_encoding["offset_mapping"][1 : target_length - 1], start=1):
+    for j, (start, end) in enumerate(target_encoding["offset_mapping"][begin : target_length - 1], start=begin):
         if any(start < t_end and end > t_start for _, _, t_start, t_end in edits) or end <= start:
             continue  # a token of the replacement: no counterpart
         # Unchanged text sits shifted by how much longer the replaced words were than their replacements.

@@ -68,8 +68,9 @@ class JointExplicitAttnProcessor:
     The text queries' rows are not recorded: they run through one SDPA call. Image query rows
     run in slices whose probabilities (``batch × heads × rows × keys``) are no larger than the
     layer's input, exactly as :class:`~diffuseg.backends.unet.ExplicitAttnProcessor` does.
-    A controller's replacement of the image → text part is written back before the values are
-    mixed, so controllers may edit MM-DiT attention as they edit UNet cross-attention.
+    A controller's replacement of the image → text part (and of the image → image affinity,
+    scaled back to the image keys' share) is written back before the values are mixed, so
+    controllers may edit MM-DiT attention as they edit UNet cross- and self-attention.
     """
 
     def __init__(self, controller: AttentionController, original, state: _CallState, flux: bool) -> None:
@@ -155,7 +156,10 @@ class JointExplicitAttnProcessor:
                 image_keys = slice(image_start, image_start + image_length)
                 # Renormalised over the image keys: an affinity whose rows sum to 1, as a UNet's self-attention.
                 affinity = probs[..., image_keys]
-                self.controller("self", size, affinity / affinity.sum(dim=-1, keepdim=True), chunk)
+                share = affinity.sum(dim=-1, keepdim=True)
+                replaced = self.controller("self", size, affinity / share, chunk)
+                if replaced is not None:  # an edited affinity keeps the image keys' share of the joint softmax
+                    probs[..., image_keys] = replaced * share
             out[:, :, rows_in_sequence] = torch.matmul(probs.to(value.dtype), value)
         if wants_concepts:
             image_keys = slice(image_start, image_start + image_length)

@@ -24,7 +24,8 @@ def attention_heights(unet, latent_height: int) -> list[int]:
 def default_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     """``(height, width)``, each ``None`` replaced by the model's native side (and only ``None``:
     a 0 stays 0, for :func:`check_sampling_inputs` to refuse, rather than silently meaning the default)."""
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    unet = getattr(pipe, "unet", None)
+    native = (unet.config.sample_size if unet is not None else pipe.default_sample_size) * pipe.vae_scale_factor
     return (native if height is None else height, native if width is None else width)
 
 
@@ -61,7 +62,7 @@ def check_sampling_inputs(
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
     if not math.isfinite(float(guidance_scale)) or guidance_scale < 0:
         raise ValueError(f"guidance_scale must be 0 or more (1 or less: no guidance), got {guidance_scale!r}")
-    if resolutions is not None:
+    if resolutions is not None and getattr(pipe, "unet", None) is not None:  # an MM-DiT has one grid
         available = sorted(attention_heights(pipe.unet, height // factor))
         unknown = sorted({int(r) for r in resolutions} - set(available))
         if not resolutions or unknown:

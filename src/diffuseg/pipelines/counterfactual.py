@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from diffuseg.attention import (
     attention_control,
     step_window,
 )
+from diffuseg.backends import backend_for, denoiser_of, mmdit
 from diffuseg.masks import (
     aggregate_resolutions,
     label_map,
@@ -65,7 +67,12 @@ from diffuseg.pipelines.diffumask import (
     recorded_attention,
     self_attention_height,
 )
-from diffuseg.tokens import replace_words, replacement_token_alignment, token_weights
+from diffuseg.tokens import (
+    TextSegment,
+    replace_words,
+    replacement_token_alignment,
+    sequence_token_weights,
+)
 
 DIFFERENCE_SOURCES = ("image", "latent")
 FUSIONS = ("geometric", "mean")
@@ -125,6 +132,8 @@ class CounterfactualAttention(AttentionStore):
             ``MAX_SELF_ATTENTION_TOKENS`` (32²) positions. Explicit self-attention costs
             ``O(positions²)``: the finest level alone costs 16× the next one.
         resolutions, steps, self_attention_resolution: recording, as in :class:`AttentionStore`.
+        rows_are_text_share: the cross-attention rows are the text keys' part of a joint softmax
+            (MM-DiT): an edited row keeps the counterfactual's own text share instead of summing to one.
     """
 
     def __init__(
@@ -137,8 +146,10 @@ class CounterfactualAttention(AttentionStore):
         resolutions: Iterable[int] | None = None,
         steps: StepWindow | Callable[[], StepWindow] | None = None,
         self_attention_resolution: int | None = None,
+        rows_are_text_share: bool = False,
     ) -> None:
         super().__init__(token_weights, resolutions, steps, self_attention_resolution)
+        self.rows_are_text_share = rows_are_text_share
         if token_alignment.shape[:1] != token_weights.shape[:1]:
             raise ValueError(
                 f"token_alignment is for {token_alignment.shape[0]} images, token_weights for {token_weights.shape[0]}"
@@ -197,8 +208,12 @@ class CounterfactualAttention(AttentionStore):
         alignment = self.token_alignment.to(positive.device)[:, None, None, :]
         copied = positive.gather(-1, alignment.clamp_min(0).expand_as(counterfactual))
         mixed = torch.where(alignment >= 0, copied, counterfactual)
-        # Copied rows lose the class words' share and gain the replacement's: keep them distributions.
-        return mixed / mixed.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        # Copied rows lose the class words' share and gain the replacement's: keep them distributions
+        # (of the counterfactual's own text share, for an MM-DiT's joint softmax).
+        total = mixed.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        if self.rows_are_text_share:
+            return mixed * (counterfactual.sum(dim=-1, keepdim=True) / total)
+        return mixed / total
 
 
 class BackgroundBlend:
@@ -240,8 +255,11 @@ class BackgroundBlend:
         if step + 1 < round(self.start_fraction * pipe.num_timesteps):
             return callback_kwargs
         latents = callback_kwargs["latents"]
-        region = self.object_region(tuple(latents.shape[-2:]))
+        packed = latents.ndim == 3  # FLUX: (B, patch-grid positions, channels), one token per grid position
+        region = self.object_region(self.store.latent_size if packed else tuple(latents.shape[-2:]))
         if region is not None:
+            if packed:
+                region = region.flatten(2).transpose(1, 2)
             positive, counterfactual = latents.chunk(2)
             blended = region.to(latents) * counterfactual + (1 - region.to(latents)) * positive
             callback_kwargs["latents"] = torch.cat([positive, blended])
@@ -257,13 +275,16 @@ class BackgroundBlend:
         return blend_then_callback
 
 
-class CounterfactualPipeline(StableDiffusionPipeline):
-    """Stable Diffusion that returns each image with its mask and a counterfactual without the object.
+class CounterfactualMixin:
+    """The counterfactual method's ``__call__`` over any family pipeline it is mixed into (first in the bases).
 
-    Loads from any Stable Diffusion checkpoint, e.g.
-    ``CounterfactualPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")``,
-    or with ``DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/counterfactual",
-    trust_remote_code=True)``.
+    The method lives here once: prompts and their counterfactuals, the token tables over the
+    denoiser's text sequence, the injecting controller, the doubled batch with paired scheduler
+    steps, background blending, the two mask signals and their fusion. A family class
+    contributes :meth:`decode_to_pixels` (how its VAE output becomes pixels) and, where its
+    latents differ from SD's, :meth:`initial_noise` and :meth:`unpack_latents` (FLUX packs them);
+    its own ``__call__`` drives the denoiser, and its backend (:mod:`diffuseg.backends`) reads
+    and edits the attention.
     """
 
     @torch.no_grad()
@@ -273,11 +294,8 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         class_names: Sequence[str] | Sequence[Sequence[str]] = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int | None = 50,
-        guidance_scale: float = 7.5,
         negative_prompt: str | list[str] | None = None,
         num_images_per_prompt: int = 1,
-        eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -312,15 +330,18 @@ class CounterfactualPipeline(StableDiffusionPipeline):
                 ``k`` is the k-th word of the image's list. All of them are replaced in the
                 counterfactual prompt, every occurrence.
             height, width: image size, multiples of 8 (default: the model's native size).
-            num_inference_steps, guidance_scale, negative_prompt, num_images_per_prompt, eta,
-            generator, latents, output_type, return_dict, callback_on_step_end,
-            callback_on_step_end_tensor_inputs: as in ``StableDiffusionPipeline``; other keyword
-                arguments (``timesteps``, ``sigmas``, ...) are passed through to it.
-                ``negative_prompt``: one string for every prompt, or one per prompt; the
-                counterfactuals share their positive's. ``latents`` and ``generator`` give the
-                positives the noise Stable Diffusion would give them, initial and per step (DDIM
-                with ``eta > 0``, ancestral and SDE samplers, LCM), and each counterfactual the same
-                noise as its positive. A step-end callback sees the doubled batch ``[positives,
+            negative_prompt, num_images_per_prompt, generator, latents, output_type, return_dict,
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in the family's pipeline
+                (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline``,
+                ``FluxPipeline``); every other keyword argument (``num_inference_steps``,
+                ``guidance_scale``, ``eta``, ``timesteps``, ``sigmas``, ``max_sequence_length``, ...)
+                is passed through to it, with its defaults. ``negative_prompt`` (and
+                ``negative_prompt_2``/``_3``): one string for every prompt, or one per prompt; the
+                counterfactuals share their positive's. ``prompt_2``/``prompt_3`` (the other text
+                encoders' prompts) lose the same words as the prompt in the counterfactual.
+                ``latents`` and ``generator`` give the positives the noise the family's pipeline
+                would give them, initial and per step (DDIM with ``eta > 0``, ancestral and SDE
+                samplers, LCM), and each counterfactual the same noise as its positive. A step-end callback sees the doubled batch ``[positives,
                 counterfactuals]`` (``latents`` of ``2 × images``); setting ``pipe._interrupt`` there
                 stops both halves at that step, and the masks come from the attention recorded until
                 then (all background if it stopped before ``attention_steps`` began).
@@ -344,7 +365,9 @@ class CounterfactualPipeline(StableDiffusionPipeline):
                 level but the finest with at most 32² positions -- 32², 16², 8² for SD at 512²
                 (prompt-to-prompt's choice; the finest, 64², would cost 16× the 32² level), 8² for
                 16² latents (ShapesWorld, the tiny test models). Add the finest level for a
-                slightly closer counterfactual at several times the cost on CPU.
+                slightly closer counterfactual at several times the cost on CPU. SD3 and FLUX have
+                one level, the patch grid (64² at 1024²), so by default none: name it to inject
+                the image → image share of the joint attention too.
             blend_start: fraction of the steps after which the counterfactual's latents outside the
                 object are the positive's (blended latents); ``None``: never (the scene is then
                 kept by the shared noise and the injection alone).
@@ -372,7 +395,7 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         """
         if "prompt_embeds" in kwargs:
             raise ValueError(
-                "CounterfactualPipeline needs the prompt as text to replace the class words; pass `prompt`"
+                f"{type(self).__name__} needs the prompt as text to replace the class words; pass `prompt`"
             )
         if prompt is None:
             raise ValueError("`prompt` is required")
@@ -386,7 +409,15 @@ class CounterfactualPipeline(StableDiffusionPipeline):
             phrases = one_list_per_prompt(remove_phrases, len(prompts), "phrases to remove")
         removed = [[*w, *p] for w, p in zip(words, phrases)]  # what the counterfactual prompts replace
         height, width = default_size(self, height, width)
-        check_sampling_inputs(self, height, width, num_inference_steps, guidance_scale, resolutions)
+        family_defaults = inspect.signature(super().__call__).parameters
+        check_sampling_inputs(
+            self,
+            height,
+            width,
+            kwargs.get("num_inference_steps", family_defaults["num_inference_steps"].default),
+            kwargs.get("guidance_scale", family_defaults["guidance_scale"].default),
+            resolutions,
+        )
         self.check_counterfactual_inputs(
             height,
             width,
@@ -402,15 +433,27 @@ class CounterfactualPipeline(StableDiffusionPipeline):
             raise ValueError(f"blend_start must be a number in [0, 1] or None, got {blend_start!r}")
         if blend_dilation < 0:
             raise ValueError(f"blend_dilation must be a number of latent pixels >= 0, got {blend_dilation}")
+        self.check_family_inputs(negative_prompt, kwargs)
         counterfactual_prompts = [replace_words(p, r, replacement) for p, r in zip(prompts, removed)]
         images_per_half = len(prompts) * num_images_per_prompt
+        text = doubled_text_arguments(prompts, counterfactual_prompts, removed, replacement, negative_prompt, kwargs)
+        backend = backend_for(denoiser_of(self))
 
-        # 1. Where the positives' class words are, and which counterfactual token stands for which positive token.
-        weights = token_weights(self.tokenizer, prompts, words, num_images_per_prompt)
-        alignment = torch.stack(
-            [replacement_token_alignment(self.tokenizer, p, r, replacement) for p, r in zip(prompts, removed)]
-        ).repeat_interleave(num_images_per_prompt, dim=0)
+        # 1. Where the positives' class words are, and which counterfactual token stands for which positive token,
+        # in every tokenizer's stretch of the denoiser's text sequence.
+        sequence = {name: value[: len(prompts)] for name, value in text.items() if name in ("prompt_2", "prompt_3")}
+        if "max_sequence_length" in family_defaults:
+            sequence["max_sequence_length"] = kwargs.get(
+                "max_sequence_length", family_defaults["max_sequence_length"].default
+            )
+        segments = backend.text_segments(self, prompts, sequence)
+        weights = sequence_token_weights(segments, words, num_images_per_prompt)
+        alignment = sequence_token_alignment(segments, removed, replacement).repeat_interleave(
+            num_images_per_prompt, dim=0
+        )
         latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        per_position = backend.pixels_per_position(self)
+        grid = (height // per_position, width // per_position)
         # Windows span the schedule run, known once the pipeline has set its timesteps.
         controller = CounterfactualAttention(
             weights,
@@ -420,7 +463,9 @@ class CounterfactualPipeline(StableDiffusionPipeline):
             self_attention_resolutions=self_attention_resolutions,
             resolutions=resolutions,
             steps=lambda: step_window(attention_steps, self.num_timesteps),
-            self_attention_resolution=self_attention_height(latent_size) if refine else None,
+            self_attention_resolution=self_attention_height(grid) if refine else None,
+            # An MM-DiT's image -> text probabilities are a share of a joint softmax, not whole rows.
+            rows_are_text_share=backend is mmdit,
         )
 
         # 2. One denoising loop over [positives, counterfactuals] from the same noise.
@@ -434,17 +479,15 @@ class CounterfactualPipeline(StableDiffusionPipeline):
             blend = BackgroundBlend(controller, words_per_image, threshold, blend_start, blend_dilation)
             callback_on_step_end = blend.chain(callback_on_step_end)
             tensor_inputs = sorted({*tensor_inputs, "latents"})
-        negative_prompts = negative_prompt_per_prompt(negative_prompt, len(prompts))
-        with attention_control(self.unet, controller), paired_scheduler_steps(self.scheduler, images_per_half):
+        with (
+            attention_control(denoiser_of(self), controller),
+            paired_scheduler_steps(self.scheduler, images_per_half),
+        ):
             final_latents = super().__call__(
-                prompt=prompts + counterfactual_prompts,
+                **text,
                 height=height,
                 width=width,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                negative_prompt=None if negative_prompts is None else negative_prompts * 2,
                 num_images_per_prompt=num_images_per_prompt,
-                eta=eta,
                 generator=doubled_generator,
                 latents=torch.cat([noise, noise]),
                 output_type="latent",
@@ -454,7 +497,8 @@ class CounterfactualPipeline(StableDiffusionPipeline):
                 **kwargs,
             ).images
         needs_pixels = output_type != "latent" or difference_source == "image"
-        pixels = self.decode_to_pixels(final_latents, doubled_generator) if needs_pixels else None
+        unpacked = self.unpack_latents(final_latents, height, width)
+        pixels = self.decode_to_pixels(unpacked, doubled_generator) if needs_pixels else None
         if pixels is not None and blend_start is not None:
             region = blend.object_region(latent_size)
             if region is not None:
@@ -470,7 +514,7 @@ class CounterfactualPipeline(StableDiffusionPipeline):
             positive, negative = pixels.float().chunk(2)
             difference = (positive - negative).abs().mean(dim=1)
         else:
-            positive, negative = final_latents.float().chunk(2)
+            positive, negative = unpacked.float().chunk(2)
             difference = upsample((positive - negative).abs().mean(dim=1), (height, width))
         difference = normalize_max(difference.to(attention.device))
 
@@ -545,8 +589,9 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The positives' initial latents (unscaled, as ``latents`` is passed): drawn as Stable Diffusion draws them."""
-        shape = (images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        """The positives' initial latents (unscaled, as ``latents`` is passed): drawn as the family's pipeline draws them."""
+        denoiser = denoiser_of(self)
+        shape = (images, denoiser.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is not None:
             if tuple(latents.shape) != shape:
                 raise ValueError(
@@ -555,8 +600,31 @@ class CounterfactualPipeline(StableDiffusionPipeline):
             return latents
         if isinstance(generator, list) and len(generator) != images:
             raise ValueError(f"got {len(generator)} generators for {images} images; give one per image, or one in all")
-        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        # The dtype of the prompt embeddings the family's pipeline draws its noise in (SDXL: its second encoder's).
+        encoder = getattr(self, "text_encoder_2", None) or self.text_encoder
+        dtype = encoder.dtype if encoder is not None else denoiser.dtype
         return randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
+
+    def decode_to_pixels(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
+        """Decoded images ``(B, 3, H, W)`` in [0, 1] of ``(B, C, h, w)`` latents, as the family's pipeline decodes them."""
+        raise NotImplementedError(f"{type(self).__name__} must say how its latents are decoded")
+
+    def check_family_inputs(self, negative_prompt: str | list[str] | None, kwargs: dict[str, Any]) -> None:
+        """Refuse the family pipeline's arguments the method cannot follow (none, but for FLUX's true guidance)."""
+
+    def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The family pipeline's latents as ``(B, C, h, w)``: as they are, but for FLUX, which packs them."""
+        return latents
+
+
+class CounterfactualPipeline(CounterfactualMixin, StableDiffusionPipeline):
+    """Stable Diffusion that returns each image with its mask and a counterfactual without the object.
+
+    Loads from any Stable Diffusion checkpoint, e.g.
+    ``CounterfactualPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")``,
+    or with ``DiffusionPipeline.from_pretrained(model, custom_pipeline="pipelines/counterfactual",
+    trust_remote_code=True)``. The call is :meth:`CounterfactualMixin.__call__`.
+    """
 
     def decode_to_pixels(self, latents: torch.Tensor, generator=None) -> torch.Tensor:
         """Decoded images ``(B, 3, H, W)`` in [0, 1], through the safety checker as in ``StableDiffusionPipeline``."""
@@ -564,6 +632,62 @@ class CounterfactualPipeline(StableDiffusionPipeline):
         image, nsfw = self.run_safety_checker(image, self._execution_device, latents.dtype)
         denormalize = [True] * image.shape[0] if nsfw is None else [not flagged for flagged in nsfw]
         return self.image_processor.postprocess(image, output_type="pt", do_denormalize=denormalize)
+
+
+def sequence_token_alignment(segments: list[TextSegment], removed: list[list[str]], replacement: str) -> torch.Tensor:
+    """``(prompts, sequence length)``: :func:`~diffuseg.tokens.replacement_token_alignment` over every stretch.
+
+    Each tokenizer's stretch (SD3: CLIP then T5) is aligned on its own prompts and shifted to its
+    place in the sequence; a stretch with no tokenizer (SD3 without T5: zeros) maps to itself.
+    """
+    rows = []
+    for i, words in enumerate(removed):
+        parts, offset = [], 0
+        for segment in segments:
+            if segment.tokenizer is None:
+                parts.append(torch.arange(segment.length) + offset)
+            else:
+                part = replacement_token_alignment(
+                    segment.tokenizer, segment.prompts[i], words, replacement, segment.length
+                )
+                parts.append(torch.where(part >= 0, part + offset, part))
+            offset += segment.length
+        rows.append(torch.cat(parts))
+    return torch.stack(rows)
+
+
+def doubled_text_arguments(
+    prompts: list[str],
+    counterfactual_prompts: list[str],
+    removed: list[list[str]],
+    replacement: str,
+    negative_prompt: str | list[str] | None,
+    kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    """The text arguments of the family pipeline's call over the batch ``[positives, counterfactuals]``.
+
+    ``prompt``: the positives then the counterfactuals. A family's further prompts (SDXL's
+    ``prompt_2``, for its second encoder), popped from ``kwargs``, lose the same words in the
+    counterfactuals. Negative prompts (``negative_prompt``, ``negative_prompt_2``), one for all or
+    one per prompt, are the same for a positive and its counterfactual.
+    """
+    text: dict[str, Any] = {"prompt": prompts + counterfactual_prompts}
+    for name in ("prompt_2", "prompt_3"):
+        other = kwargs.pop(name, None)
+        if other is not None:
+            others = [other] * len(prompts) if isinstance(other, str) else list(other)
+            if len(others) != len(prompts):
+                raise ValueError(f"got {len(prompts)} prompts but {len(others)} {name}s; give one, or one per prompt")
+            text[name] = others + [replace_words(o, r, replacement) for o, r in zip(others, removed)]
+    for name, value in (
+        ("negative_prompt", negative_prompt),
+        ("negative_prompt_2", kwargs.pop("negative_prompt_2", None)),
+        ("negative_prompt_3", kwargs.pop("negative_prompt_3", None)),
+    ):
+        negatives = negative_prompt_per_prompt(value, len(prompts))
+        if negatives is not None or name == "negative_prompt":
+            text[name] = None if negatives is None else negatives * 2
+    return text
 
 
 @contextmanager
