@@ -54,6 +54,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffuseg.attention import capture
+from diffuseg.models import pipeline_defaults
 from diffuseg.masks import IGNORE_INDEX, label_map as assemble_label_map, thresholds
 from diffuseg.pipelines.checks import check_sampling_inputs, default_size
 from diffuseg.pipelines.diffumask import DiffuMaskPipeline, self_attention_height
@@ -96,6 +97,8 @@ class InsertionRecord:
         coverage: per attempt, the fraction of the region its mask covers.
         leak: per attempt, the fraction of the word's above-threshold pixels that lie outside the region.
         reason: why it was rejected; None when inserted.
+        check: the check that rejected it, for counting: ``"min_coverage"``, ``"max_leak"`` or
+            ``"no_free_region"``; None when inserted.
     """
 
     class_name: str
@@ -108,6 +111,7 @@ class InsertionRecord:
     coverage: list[float] = field(default_factory=list)
     leak: list[float] = field(default_factory=list)
     reason: str | None = None
+    check: str | None = None
 
     @property
     def attempts(self) -> int:
@@ -183,7 +187,7 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
         negative_prompt: str | None = None,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        region_size: tuple[float, float] = (0.05, 0.25),
+        region_size: tuple[float, float] | None = None,
         region_aspect: tuple[float, float] = (0.5, 2.0),
         max_overlap: float = 0.2,
         min_coverage: float = 0.15,
@@ -220,7 +224,9 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
             num_inference_steps, guidance_scale, negative_prompt, eta, generator, output_type,
             return_dict: as in ``StableDiffusionPipeline``. ``generator``: one per image for
                 results independent of the batch; it also drives the placement and the retries.
-            region_size: ``(min, max)`` area of a chosen box, as fractions of the image area.
+            region_size: ``(min, max)`` area of a chosen box, as fractions of the image area
+                (default: the model's, from its ``diffuseg.json`` (see
+                :class:`~diffuseg.models.ModelDefaults`), else ``(0.05, 0.25)``).
             region_aspect: ``(min, max)`` width/height ratio of a chosen box.
             max_overlap: largest fraction of a chosen box that existing objects may cover.
             min_coverage: reject an insertion whose mask covers less of its region than this.
@@ -244,6 +250,7 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
         """
         # 0. Check every input before any generation.
         names = check_class_list(class_names)
+        region_size = pipeline_defaults(self).region_size if region_size is None else tuple(region_size)
         self.check_settings(
             mode, region_size, region_aspect, max_overlap, min_coverage, max_leak, max_retries, paste_strength,
             feather, output_type,
@@ -304,7 +311,7 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
                         occupied, own_generator, region_size, region_aspect, max_overlap, grid=self.vae_scale_factor
                     )
                     if box is None:
-                        record.reason = (
+                        record.check, record.reason = "no_free_region", (
                             f"no free region: every box tried overlaps objects by more than {max_overlap:.0%}"
                         )
                         rejected[i].append(record)
@@ -330,7 +337,7 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
                 for (i, _, record), result in zip(jobs, results):
                     record.coverage.append(result.coverage)
                     record.leak.append(result.leak)
-                    record.reason = consistency_problem(result, min_coverage, max_leak)
+                    record.check, record.reason = consistency_problem(result, min_coverage, max_leak)
                     if record.reason is not None:
                         still_pending.append(i)
                         continue
@@ -748,13 +755,15 @@ def occupied_pixels(labels: np.ndarray) -> np.ndarray:
     return (labels > 0) & (labels != IGNORE_INDEX)
 
 
-def consistency_problem(result: _Attempt, min_coverage: float, max_leak: float) -> str | None:
-    """Why an attempt fails the mask-consistency check, or None if it passes."""
+def consistency_problem(result: _Attempt, min_coverage: float, max_leak: float) -> tuple[str | None, str | None]:
+    """``(check, reason)``: the check an attempt fails and why, or ``(None, None)`` if it passes."""
     if result.coverage < min_coverage or not result.mask.any():
-        return f"mask covers {result.coverage:.1%} of its region (min_coverage={min_coverage:.1%})"
+        return "min_coverage", f"mask covers {result.coverage:.1%} of its region (min_coverage={min_coverage:.1%})"
     if result.leak > max_leak:
-        return f"{result.leak:.1%} of the object's attention lies outside its region (max_leak={max_leak:.1%})"
-    return None
+        return "max_leak", (
+            f"{result.leak:.1%} of the object's attention lies outside its region (max_leak={max_leak:.1%})"
+        )
+    return None, None
 
 
 def insert_into_label_map(
