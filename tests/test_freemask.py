@@ -214,7 +214,7 @@ def test_retry_then_rejection_and_retry_then_success(pipe, base):
     image, labels = base
     obj = [FreeMaskObject("cat", region=(16, 16, 32, 32))]
     kwargs = dict(objects=obj, class_names=CLASSES, output_type="np", max_leak=1.0, max_retries=2, **FAST)
-    failed = pipe(image, labels, generator=generator(7), min_coverage=1.0, **kwargs)
+    failed = pipe(image, labels, generator=generator(2), min_coverage=1.0, **kwargs)
     assert not failed.inserted[0]
     (record,) = failed.rejected[0]
     assert record.attempts == 3 and "min_coverage" in record.reason and record.mask is None
@@ -225,7 +225,7 @@ def test_retry_then_rejection_and_retry_then_success(pipe, base):
     # A threshold between the first attempt and a later, better one: the first fails, that one passes.
     coverages = record.coverage
     later = next(j for j in range(1, 3) if coverages[j] > coverages[0])
-    accepted = pipe(image, labels, generator=generator(7), min_coverage=(coverages[0] + coverages[later]) / 2,
+    accepted = pipe(image, labels, generator=generator(2), min_coverage=(coverages[0] + coverages[later]) / 2,
                     **kwargs)
     (inserted,) = accepted.inserted[0]
     assert inserted.attempts == later + 1 and inserted.coverage == coverages[: later + 1]
@@ -424,6 +424,54 @@ def test_registered_for_diffuseg_generate(pipe):
     (sample,) = spec.generate(pipe, requests, config)
     assert sample["image"].shape == (32, 32, 3) and sample["image"].dtype == np.uint8
     assert set(np.unique(sample["label"])) <= {0, 2, 255}  # dataset ids: dog is 2
+    # One insertion (the dog), accepted or rejected by a named check.
+    assert sample["objects_inserted"] + sample["objects_rejected"] == 1
+    assert sample["rejection_reasons"] in ("", "min_coverage", "max_leak", "no_free_region")
+    assert (sample["rejection_reasons"] == "") == (sample["objects_inserted"] == 1)
+
+
+def test_dataset_card_reports_insertion_acceptance(tmp_path, pipe):
+    import pyarrow.parquet as pq
+
+    from diffuseg.generation import GenerationConfig, generate_dataset, parse_classes
+
+    config = GenerationConfig(out=str(tmp_path / "ds"), classes=parse_classes("cat,dog"), images_per_class=2,
+                              pipeline="freemask", model="tiny-random", height=32, width=32, num_inference_steps=2,
+                              batch_size=2, region_size=(0.1, 0.3))
+    generate_dataset(config, pipe=pipe, progress=False)
+    rows = pq.read_table(tmp_path / "ds" / "data").to_pylist()
+    assert len(rows) == 4
+    accepted = sum(r["objects_inserted"] for r in rows)
+    checks = [c for r in rows for c in r["rejection_reasons"].split(",") if c]
+    assert accepted + len(checks) == 4 and sum(r["objects_rejected"] for r in rows) == len(checks)
+    card = (tmp_path / "ds" / "README.md").read_text()
+    assert f"Free-Mask insertions (one more instance of each named class per sample, regions of 10%–30% " \
+           f"of the image): {accepted} of 4 accepted ({accepted / 4:.0%})" in card
+    for check in set(checks):
+        assert f"{checks.count(check)} because" in card and f"(`{check}`)" in card
+    assert config.fingerprint()["region_size"] == [0.1, 0.3]
+
+
+def test_region_size_defaults_to_the_models(tmp_path, base):
+    # A model's diffuseg.json sizes the regions to its objects (ShapesWorld: 15-35% of the image).
+    from diffuseg.generation import GenerationConfig, parse_classes
+    from diffuseg.models import model_defaults
+
+    assert model_defaults("shapesworld").region_size == (0.15, 0.35)
+    config = GenerationConfig(out="unused", classes=parse_classes("shapes"), images_per_class=1, pipeline="freemask")
+    assert config.region_size == (0.15, 0.35)
+    assert "region_size" not in GenerationConfig(out="unused", classes=parse_classes("shapes"),
+                                                 images_per_class=1).fingerprint()  # other pipelines: unchanged
+
+    folder = save_tiny_stable_diffusion(tmp_path / "tiny-sd", seed=0)
+    (tmp_path / "tiny-sd" / "diffuseg.json").write_text('{"region_size": [0.5, 0.6]}')
+    loaded = FreeMaskEditPipeline.from_pretrained(folder)
+    loaded.set_progress_bar_config(disable=True)
+    image, labels = base
+    out = loaded(image, np.zeros_like(labels), objects=["cat"], class_names=CLASSES, generator=generator(), **FAST,
+                 **ACCEPT)
+    x0, y0, x1, y1 = out.inserted[0][0].box
+    assert 0.5 * 32 * 32 * 0.8 <= (x1 - x0) * (y1 - y0) <= 0.6 * 32 * 32 * 1.3  # snapped to latent cells
 
 
 def test_insertion_record_prints_a_short_summary():
@@ -460,3 +508,29 @@ def test_leak_does_not_count_the_objects_already_in_the_image():
     mask, _, coverage, leak = object_mask(attention, region)
     assert mask.sum() == 36 and leak > 0.8
     assert object_mask(attention, region, objects=existing)[3] == 0.0
+
+
+def test_latent_window_is_the_region_with_context_in_unet_sized_sides():
+    from diffuseg.pipelines.freemask import latent_window
+
+    cells = torch.zeros(16, 16)
+    cells[5:10, 0:3] = 1  # rows 5-9, columns 0-2
+    # One cell of context (rows 4-10, columns 0-3), grown evenly to multiples of 4, kept inside.
+    assert latent_window(cells, 1, 4) == (4, 12, 0, 4)
+    assert latent_window(cells, 0, 1) == (5, 10, 0, 3)
+    assert latent_window(cells, None, 4) == (0, 16, 0, 16)
+    assert latent_window(cells, 20, 4) == (0, 16, 0, 16)
+
+
+def test_insertion_denoises_only_a_window_around_its_region(pipe, base):
+    # The word's map is read in the window only; a whole-latent run is still available.
+    image, labels = base
+    kwargs = dict(objects=[FreeMaskObject("cat", region=(20, 20, 28, 28))], class_names=CLASSES, output_type="np",
+                  generator=generator(), **FAST, **ACCEPT)
+    windowed, whole = pipe(image, labels, crop_margin=1, **kwargs), pipe(image, labels, crop_margin=None, **kwargs)
+    for out in (windowed, whole):
+        (record,) = out.inserted[0]
+        assert record.mask.any() and not record.mask[~record.region].any()
+    assert not np.allclose(windowed.images, whole.images)
+    with pytest.raises(ValueError, match="crop_margin"):
+        pipe(image, labels, crop_margin=-1, **kwargs)

@@ -147,6 +147,9 @@ class ModelDefaults:
         counterfactual_replacement: what a counterfactual prompt says in place of the objects.
         object_modifiers: words that describe an object right before its class word (ShapesWorld's
             colours); a counterfactual removes "modifier word" together with the word.
+        region_size: ``(min, max)`` area of a Free-Mask insertion region, as fractions of the
+            image, sized to the objects the model draws: a region smaller than them gets a
+            fragment whose word's attention spills out of it.
         source: where these values come from (for cards and messages).
     """
 
@@ -158,6 +161,7 @@ class ModelDefaults:
     segment_background: str | None = None
     counterfactual_replacement: str = "nothing"
     object_modifiers: tuple[str, ...] = ()
+    region_size: tuple[float, float] = (0.05, 0.25)
     source: str = "Stable Diffusion defaults"
 
     def segment_caption(self, class_names: Sequence[str], background: str | None = None) -> str | None:
@@ -209,8 +213,9 @@ def model_defaults(model: str | os.PathLike | None = None) -> ModelDefaults:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{path} has unknown keys {unknown}; known: {sorted(known)}")
-    if "object_modifiers" in values:
-        values["object_modifiers"] = tuple(values["object_modifiers"])
+    for name in ("object_modifiers", "region_size"):  # JSON lists as the tuples of the dataclass
+        if name in values:
+            values[name] = tuple(values[name])
     return ModelDefaults(**values, source=str(path))
 
 

@@ -8,11 +8,17 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from diffuseg.data import DatasetWriter
+from diffuseg.generation.samplers import FREEMASK_COLUMNS
 
 if TYPE_CHECKING:
     from diffuseg.generation.config import GenerationConfig
 
 MOSAIC_SKIPPED = "mosaic_too_few_kept"  # skip reason: a shard kept fewer samples than a mosaic has tiles
+CHECKS = {
+    "min_coverage": "its mask covered too little of its region",
+    "max_leak": "its word's attention lay mostly outside its region",
+    "no_free_region": "no free region was found",
+}
 
 
 def collect_stats(writer: DatasetWriter) -> dict[str, Any]:
@@ -20,6 +26,7 @@ def collect_stats(writer: DatasetWriter) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     per_class = {name: 0 for name in writer.class_names}
+    insertions: dict[str, int] = {}  # Free-Mask: objects tried, accepted, rejected per check
     rows = mosaics = 0
     image_size = None
     for path in writer.shard_files():  # staged or published: the stats may be taken before publishing
@@ -27,15 +34,17 @@ def collect_stats(writer: DatasetWriter) -> dict[str, Any]:
             continue
         if image_size is None:  # the first row is a generated sample (mosaics end their shard)
             image_size = _first_image_size(path)
-        columns = ["classes", "mosaic"] if "mosaic" in pq.read_schema(path).names else ["classes"]
-        table = pq.read_table(path, columns=columns).to_pydict()
-        for classes, is_mosaic in zip(table["classes"], table.get("mosaic") or [0] * len(table["classes"])):
+        names = pq.read_schema(path).names
+        columns = ["classes"] + [c for c in ("mosaic", *FREEMASK_COLUMNS) if c in names]
+        table = pq.read_table(path, columns=columns).to_pylist()
+        for row in table:
             rows += 1
-            if is_mosaic:
+            if row.get("mosaic"):
                 mosaics += 1
                 continue
-            for c in classes:
+            for c in row["classes"]:
                 per_class[writer.class_names[c - 1]] += 1
+            _count_insertions(insertions, row)
     rejected: dict[str, int] = {}
     mosaics_skipped = 0
     for record in writer.skip_records().values():
@@ -44,8 +53,19 @@ def collect_stats(writer: DatasetWriter) -> dict[str, Any]:
             mosaics_skipped += 1
         else:
             rejected[reason] = rejected.get(reason, 0) + 1
+            _count_insertions(insertions, record)  # a sample the filters dropped had its insertions too
     return {"per_class": per_class, "rows": rows, "mosaics": mosaics, "rejected": rejected,
-            "mosaics_skipped": mosaics_skipped, "image_size": image_size}
+            "mosaics_skipped": mosaics_skipped, "image_size": image_size, "insertions": insertions}
+
+
+def _count_insertions(counts: dict[str, int], row: Mapping[str, Any]) -> None:
+    """Add a generated sample's Free-Mask insertion columns (if it has them) to ``counts``."""
+    if "objects_inserted" not in row:
+        return
+    counts["tried"] = counts.get("tried", 0) + row["objects_inserted"] + row["objects_rejected"]
+    counts["accepted"] = counts.get("accepted", 0) + row["objects_inserted"]
+    for check in filter(None, row["rejection_reasons"].split(",")):
+        counts[check] = counts.get(check, 0) + 1
 
 
 def _first_image_size(path) -> tuple[int, int] | None:
@@ -121,6 +141,20 @@ def describe(config: GenerationConfig, stats: Mapping[str, Any]) -> str:
             + (f"; best {config.agreement_keep:.0%} of each shard kept" if config.agreement_keep is not None else "")
         )
     lines += filters
+    insertions = stats.get("insertions") or {}
+    if insertions.get("tried"):
+        tried, accepted = insertions["tried"], insertions["accepted"]
+        reasons = ", ".join(
+            f"{n} because {CHECKS.get(check, check)} (`{check}`)"
+            for check, n in sorted(insertions.items()) if check not in ("tried", "accepted")
+        )
+        lines += [
+            "",
+            f"Free-Mask insertions (one more instance of each named class per sample, regions of "
+            f"{config.region_size[0]:.0%}–{config.region_size[1]:.0%} of the image): {accepted} of {tried} accepted "
+            f"({accepted / tried:.0%}); rejected: {reasons or 'none'}. A sample whose insertion was rejected keeps "
+            "its base image and mask.",
+        ]
     rejected = stats["rejected"]
     lines += ["", "Rejected samples: " + (", ".join(f"{n} by `{r}`" for r, n in sorted(rejected.items())) or "none") + "."]
     lines += [

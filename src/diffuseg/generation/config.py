@@ -39,6 +39,8 @@ class GenerationConfig:
             (``None``: the model's, see :class:`~diffuseg.models.ModelDefaults`).
         object_modifiers: words that describe an object before its class word, removed with it in
             counterfactual prompts (``None``: the model's; ShapesWorld's colours).
+        region_size: Free-Mask only: ``(min, max)`` area of an insertion region, fractions of the
+            image (``None``: the model's, see :class:`~diffuseg.models.ModelDefaults`).
         two_class_fraction: share of prompts naming a second, random class.
         height, width, negative_prompt: generation.
         num_inference_steps, guidance_scale: sampling; ``None``: the model's (its ``diffuseg.json``,
@@ -77,6 +79,7 @@ class GenerationConfig:
     prompt_max_new_tokens: int = 24
     counterfactual_replacement: str | None = None
     object_modifiers: tuple[str, ...] | None = None
+    region_size: tuple[float, float] | None = None
     two_class_fraction: float = 0.0
     height: int | None = None
     width: int | None = None
@@ -112,7 +115,8 @@ class GenerationConfig:
         from diffuseg.models import model_defaults
 
         defaults = model_defaults(self.model)
-        for name in ("num_inference_steps", "guidance_scale", "counterfactual_replacement", "object_modifiers"):
+        for name in ("num_inference_steps", "guidance_scale", "counterfactual_replacement", "object_modifiers",
+                     "region_size"):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(defaults, name))
 
@@ -180,6 +184,8 @@ class GenerationConfig:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self.RUNTIME_FIELDS}
         values["classes"] = [dataclasses.asdict(c) for c in self.classes.classes]
         values["templates"] = list(self.prompter_templates())
+        if self.pipeline != "freemask":  # only Free-Mask places regions: other sets keep their fingerprints
+            values.pop("region_size")
         if self.prompt_model is not None:
             values["prompt_model"] = os.path.basename(os.path.normpath(self.prompt_model))
         return json.loads(json.dumps(values))

@@ -25,19 +25,24 @@ class PipelineSpec:
             pipeline's 1..k to ``request.class_ids``, keep 0 and 255) and every extra image
             column.
         extra_image_columns: further image columns (``negative_image`` for counterfactuals).
+        scalar_columns: further per-sample columns ``generate`` returns (ints or strings), written
+            with each row and kept in the skip records of rejected samples (Free-Mask's insertion
+            counts, which the dataset card sums up).
     """
 
     name: str
     load: Callable[..., Any]
     generate: Callable[..., list[dict]]
     extra_image_columns: tuple[str, ...] = ()
+    scalar_columns: tuple[str, ...] = ()
 
 
 PIPELINES: dict[str, PipelineSpec] = {
     spec.name: spec
     for spec in (
         PipelineSpec("diffumask", samplers.load_diffumask, samplers.generate_diffumask),
-        PipelineSpec("freemask", samplers.load_freemask, samplers.generate_freemask),
+        PipelineSpec("freemask", samplers.load_freemask, samplers.generate_freemask,
+                     scalar_columns=samplers.FREEMASK_COLUMNS),
         PipelineSpec("counterfactual", samplers.load_counterfactual, samplers.generate_counterfactual,
                      extra_image_columns=("negative_image",)),
     )

@@ -158,6 +158,7 @@ def _make_block(block, plan: WorkPlan, spec: PipelineSpec, pipe, prompter, token
             stats = mask_stats(label, request.class_ids)
             if predictions is not None:
                 stats["agreement_iou"] = agreement_iou(label, predictions[k], request.class_ids)
+            stats.update({name: sample[name] for name in spec.scalar_columns})
             results.append((request, sample, stats))
         bar.update(len(batch))
     summary.generated += len(results)
@@ -213,6 +214,9 @@ def _make_block(block, plan: WorkPlan, spec: PipelineSpec, pipe, prompter, token
         stats = mask_stats(label, [c for c in class_ids if (label == c).any()] or class_ids)
         if agreement is not None:
             stats["agreement_iou"] = float(np.mean([s["agreement_iou"] for _, _, s in tiles]))
+        for name in spec.scalar_columns:  # the tiles' values together: counts add up, texts are joined
+            values = [s[name] for _, _, s in tiles]
+            stats[name] = ",".join(filter(None, values)) if isinstance(values[0], str) else sum(values)
         sample = {"image": image, "label": label}
         for name in spec.extra_image_columns:  # extra images are tiled like the images
             sample[name] = mosaic([Image.open(io.BytesIO(row[name])) for _, row, _ in tiles],

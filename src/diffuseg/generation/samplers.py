@@ -64,6 +64,10 @@ def generate_diffumask(pipe, requests: Sequence[SampleRequest], config: Generati
 # --- Free-Mask: a DiffuMask base, then one more instance of each class inserted ---------
 
 
+FREEMASK_COLUMNS = ("objects_inserted", "objects_rejected", "rejection_reasons")
+"""Free-Mask's per-sample columns: insertions accepted, rejected, and the checks that rejected them."""
+
+
 def load_freemask(config: GenerationConfig, device, dtype):
     """``config.model`` as a :class:`~diffuseg.pipelines.FreeMaskEditPipeline` (or its family's variant), safetensors only."""
     return _load("freemask", config, device, dtype)
@@ -74,7 +78,9 @@ def generate_freemask(pipe, requests: Sequence[SampleRequest], config: Generatio
     inserted into a free region (multi-instance images).
 
     Labels are dataset ids (``config.classes.names``); an insertion that fails its
-    consistency check is left out and the base sample stays.
+    consistency check is left out and the base sample stays. Each sample also has the columns
+    ``objects_inserted``, ``objects_rejected`` and ``rejection_reasons`` (the failed checks,
+    comma-separated), which the dataset card sums up.
     """
     from diffuseg.pipelines.freemask import FreeMaskObject, default_object_prompt
 
@@ -96,9 +102,13 @@ def generate_freemask(pipe, requests: Sequence[SampleRequest], config: Generatio
     ]
     out = pipe(
         image=(images + 1) / 2, label_map=labels, objects=objects, class_names=names, generator=generators,
-        output_type="np", **common,
+        region_size=config.region_size, output_type="np", **common,
     )
-    return [{"image": image, "label": label} for image, label in zip(to_uint8(out.images), out.masks)]
+    return [
+        {"image": image, "label": label, "objects_inserted": len(inserted), "objects_rejected": len(rejected),
+         "rejection_reasons": ",".join(record.check for record in rejected)}
+        for image, label, inserted, rejected in zip(to_uint8(out.images), out.masks, out.inserted, out.rejected)
+    ]
 
 
 def _object_phrases(request: SampleRequest, config: GenerationConfig) -> list[str]:

@@ -54,6 +54,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffuseg.attention import capture
+from diffuseg.models import pipeline_defaults
 from diffuseg.masks import IGNORE_INDEX, label_map as assemble_label_map, thresholds
 from diffuseg.pipelines.checks import check_sampling_inputs, default_size
 from diffuseg.pipelines.diffumask import DiffuMaskPipeline, self_attention_height
@@ -96,6 +97,8 @@ class InsertionRecord:
         coverage: per attempt, the fraction of the region its mask covers.
         leak: per attempt, the fraction of the word's above-threshold pixels that lie outside the region.
         reason: why it was rejected; None when inserted.
+        check: the check that rejected it, for counting: ``"min_coverage"``, ``"max_leak"`` or
+            ``"no_free_region"``; None when inserted.
     """
 
     class_name: str
@@ -108,6 +111,7 @@ class InsertionRecord:
     coverage: list[float] = field(default_factory=list)
     leak: list[float] = field(default_factory=list)
     reason: str | None = None
+    check: str | None = None
 
     @property
     def attempts(self) -> int:
@@ -183,7 +187,7 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
         negative_prompt: str | None = None,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        region_size: tuple[float, float] = (0.05, 0.25),
+        region_size: tuple[float, float] | None = None,
         region_aspect: tuple[float, float] = (0.5, 2.0),
         max_overlap: float = 0.2,
         min_coverage: float = 0.15,
@@ -191,6 +195,7 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
         max_retries: int = 2,
         paste_strength: float = 0.3,
         feather: int | None = None,
+        crop_margin: int | None = 1,
         resolutions: Sequence[int] | None = None,
         threshold: str | float = "otsu",
         ignore_band: float = 0.0,
@@ -220,7 +225,9 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
             num_inference_steps, guidance_scale, negative_prompt, eta, generator, output_type,
             return_dict: as in ``StableDiffusionPipeline``. ``generator``: one per image for
                 results independent of the batch; it also drives the placement and the retries.
-            region_size: ``(min, max)`` area of a chosen box, as fractions of the image area.
+            region_size: ``(min, max)`` area of a chosen box, as fractions of the image area
+                (default: the model's, from its ``diffuseg.json`` (see
+                :class:`~diffuseg.models.ModelDefaults`), else ``(0.05, 0.25)``).
             region_aspect: ``(min, max)`` width/height ratio of a chosen box.
             max_overlap: largest fraction of a chosen box that existing objects may cover.
             min_coverage: reject an insertion whose mask covers less of its region than this.
@@ -230,6 +237,10 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
             paste_strength: SDEdit strength of the harmonisation pass (``mode="paste"``).
             feather: width in pixels of the band outside a region where decoded and base pixels
                 are blended (default: the VAE's scale factor, one latent cell).
+            crop_margin: latent cells of context around a region that the UNet sees while
+                inserting into it: it denoises only that window of the latents, at that share of
+                the cost (``None``: the whole latent). The mask and its leak check are read within
+                the window.
             resolutions: heights of the cross-attention maps to aggregate (``None``: all).
             threshold: ``"otsu"``, ``"adaptive"`` or a number, applied to the word's map
                 renormalised to its maximum within the region.
@@ -244,9 +255,10 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
         """
         # 0. Check every input before any generation.
         names = check_class_list(class_names)
+        region_size = pipeline_defaults(self).region_size if region_size is None else tuple(region_size)
         self.check_settings(
             mode, region_size, region_aspect, max_overlap, min_coverage, max_leak, max_retries, paste_strength,
-            feather, output_type,
+            feather, output_type, crop_margin,
         )
         thresholds(torch.zeros(1, 1, 1), threshold)  # fails now on an unknown method
         if (image is None) == (base_prompt is None):
@@ -271,7 +283,7 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
         settings = dict(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
             negative_prompt=negative_prompt, eta=eta, resolutions=resolutions,
-            refine_iterations=refine_iterations if refine else 0,
+            refine_iterations=refine_iterations if refine else 0, crop_margin=crop_margin,
         )
         mask_settings = dict(threshold=threshold, ignore_band=ignore_band, min_area=min_component_area)
 
@@ -304,7 +316,7 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
                         occupied, own_generator, region_size, region_aspect, max_overlap, grid=self.vae_scale_factor
                     )
                     if box is None:
-                        record.reason = (
+                        record.check, record.reason = "no_free_region", (
                             f"no free region: every box tried overlaps objects by more than {max_overlap:.0%}"
                         )
                         rejected[i].append(record)
@@ -330,7 +342,7 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
                 for (i, _, record), result in zip(jobs, results):
                     record.coverage.append(result.coverage)
                     record.leak.append(result.leak)
-                    record.reason = consistency_problem(result, min_coverage, max_leak)
+                    record.check, record.reason = consistency_problem(result, min_coverage, max_leak)
                     if record.reason is not None:
                         still_pending.append(i)
                         continue
@@ -442,12 +454,20 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
         eta: float,
         resolutions: Sequence[int] | None,
         refine_iterations: int,
+        crop_margin: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Regenerate ``regions`` ``(B, H, W)`` of ``images`` ``(B, 3, H, W)`` in [-1, 1] from ``prompts``.
 
+        The UNet denoises only a window of the latents around each region, ``crop_margin``
+        latent cells wider on every side (see :func:`latent_window`; ``None``: the whole latent):
+        the latents outside a region are the original's anyway, and a window costs its share of
+        the UNet's work. Images whose windows have the same shape are denoised in one batch; a
+        window depends only on its own region, so results do not depend on the batch.
+
         Returns the decoded images (every pixel decoded; see :func:`paste_back`) and, when
-        ``words`` are given, each word's cross-attention ``(B, H, W)`` at image size (max-normalised,
-        refined along self-attention when ``refine_iterations`` > 0), on the CPU.
+        ``words`` are given, each word's cross-attention ``(B, H, W)`` at image size (max-normalised
+        within its window, refined along self-attention when ``refine_iterations`` > 0; 0 outside
+        the window), on the CPU.
         """
         device, dtype = self._execution_device, self.vae.dtype
         images = images.to(device=device, dtype=dtype)
@@ -462,29 +482,47 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
             keep = (~regions[:, None]).to(device=device, dtype=dtype)
             masked_image_latents = self.encode_images(images * keep)
 
-        recording = (
-            capture(
-                self, [[word] for word in words], resolutions=resolutions,
-                self_attention_resolution=self_attention_height(latent_size) if refine_iterations else None,
-            )
-            if words is not None
-            else nullcontext()
-        )
-        with recording as maps:
-            latents = self.edit_latents(
-                image_latents, latent_mask, prompts, strength=strength, num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale, negative_prompt=negative_prompt, eta=eta, generator=generator,
-                masked_image_latents=masked_image_latents,
-            )
-        decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-        decoded = decoded.clamp(-1, 1).float()
-        if words is None:
-            return decoded, None
+        # The UNet's input sides must divide by its total downsampling.
+        multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        windows = [latent_window(latent_mask[j, 0], crop_margin, multiple) for j in range(len(images))]
+        latents = image_latents.clone()
+        attention = torch.zeros(len(images), height, width) if words is not None else None
+        scale = self.vae_scale_factor
+        for shape in dict.fromkeys((y1 - y0, x1 - x0) for y0, y1, x0, x1 in windows):
+            members = [j for j, (y0, y1, x0, x1) in enumerate(windows) if (y1 - y0, x1 - x0) == shape]
 
-        attention = maps.aggregate((height, width))
-        if refine_iterations:
-            attention = maps.store.refine(attention, refine_iterations)
-        return decoded, attention[:, 0].float().cpu()
+            def crop(tensor: torch.Tensor) -> torch.Tensor:
+                return torch.stack([tensor[j, :, y0:y1, x0:x1] for j in members for y0, y1, x0, x1 in [windows[j]]])
+
+            recording = (
+                capture(
+                    self, [[words[j]] for j in members],
+                    # The same UNet levels as on the whole latent: heights scale with the window.
+                    resolutions=None if resolutions is None else [r * shape[0] // latent_size[0] for r in resolutions],
+                    self_attention_resolution=self_attention_height(shape) if refine_iterations else None,
+                )
+                if words is not None
+                else nullcontext()
+            )
+            with recording as maps:
+                edited = self.edit_latents(
+                    crop(image_latents), crop(latent_mask), [prompts[j] for j in members], strength=strength,
+                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                    negative_prompt=negative_prompt, eta=eta, generator=pick(generator, members),
+                    masked_image_latents=None if masked_image_latents is None else crop(masked_image_latents),
+                )
+            for n, j in enumerate(members):
+                y0, y1, x0, x1 = windows[j]
+                latents[j, :, y0:y1, x0:x1] = edited[n]
+            if words is not None:
+                maps_in_window = maps.aggregate((shape[0] * scale, shape[1] * scale))
+                if refine_iterations:
+                    maps_in_window = maps.store.refine(maps_in_window, refine_iterations)
+                for n, j in enumerate(members):
+                    y0, y1, x0, x1 = windows[j]
+                    attention[j, y0 * scale : y1 * scale, x0 * scale : x1 * scale] = maps_in_window[n, 0].float().cpu()
+        decoded = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        return decoded.clamp(-1, 1).float(), attention
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Scaled VAE latents of ``(B, 3, H, W)`` images in [-1, 1] (the distribution's mode: deterministic)."""
@@ -607,7 +645,7 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
 
     def check_settings(
         self, mode, region_size, region_aspect, max_overlap, min_coverage, max_leak, max_retries, paste_strength,
-        feather, output_type,
+        feather, output_type, crop_margin=None,
     ) -> None:
         """Raise ``ValueError`` on settings that cannot work."""
         if mode not in ("edit", "paste"):
@@ -632,6 +670,8 @@ class FreeMaskEditPipeline(StableDiffusionPipeline):
             raise ValueError(f"paste_strength must be in (0, 1], got {paste_strength}")
         if feather is not None and feather < 0:
             raise ValueError(f"feather must be a non-negative number of pixels, got {feather}")
+        if crop_margin is not None and (int(crop_margin) != crop_margin or crop_margin < 0):
+            raise ValueError(f"crop_margin must be a non-negative number of latent cells or None, got {crop_margin}")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
 
@@ -695,6 +735,28 @@ def bounding_box(region: np.ndarray) -> Box:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
+def latent_window(cells: torch.Tensor, margin: int | None, multiple: int) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)`` (end exclusive) of the latent window the UNet denoises for a region.
+
+    The region's cells (``cells`` ``(h, w)``, nonzero inside) plus ``margin`` cells of context
+    on every side, grown evenly to sides that are multiples of ``multiple`` (the UNet's total
+    downsampling) and moved back inside the latent. ``margin=None``: the whole latent.
+    """
+    height, width = cells.shape
+    if margin is None:
+        return 0, height, 0, width
+    rows = torch.nonzero(cells.any(1)).flatten()
+    cols = torch.nonzero(cells.any(0)).flatten()
+
+    def span(first: int, last: int, size: int) -> tuple[int, int]:
+        low, high = max(first - margin, 0), min(last + 1 + margin, size)
+        length = min(-(-(high - low) // multiple) * multiple, size)
+        low = min(max(low - (length - (high - low)) // 2, 0), size - length)
+        return low, low + length
+
+    return (*span(int(rows[0]), int(rows[-1]), height), *span(int(cols[0]), int(cols[-1]), width))
+
+
 # =====================================================================================
 # masks and label maps
 
@@ -748,13 +810,15 @@ def occupied_pixels(labels: np.ndarray) -> np.ndarray:
     return (labels > 0) & (labels != IGNORE_INDEX)
 
 
-def consistency_problem(result: _Attempt, min_coverage: float, max_leak: float) -> str | None:
-    """Why an attempt fails the mask-consistency check, or None if it passes."""
+def consistency_problem(result: _Attempt, min_coverage: float, max_leak: float) -> tuple[str | None, str | None]:
+    """``(check, reason)``: the check an attempt fails and why, or ``(None, None)`` if it passes."""
     if result.coverage < min_coverage or not result.mask.any():
-        return f"mask covers {result.coverage:.1%} of its region (min_coverage={min_coverage:.1%})"
+        return "min_coverage", f"mask covers {result.coverage:.1%} of its region (min_coverage={min_coverage:.1%})"
     if result.leak > max_leak:
-        return f"{result.leak:.1%} of the object's attention lies outside its region (max_leak={max_leak:.1%})"
-    return None
+        return "max_leak", (
+            f"{result.leak:.1%} of the object's attention lies outside its region (max_leak={max_leak:.1%})"
+        )
+    return None, None
 
 
 def insert_into_label_map(
