@@ -96,7 +96,7 @@ def generate_freemask(pipe, requests: Sequence[SampleRequest], config: Generatio
     ]
     out = pipe(
         image=(images + 1) / 2, label_map=labels, objects=objects, class_names=names, generator=generators,
-        output_type="np", **common,
+        mode=config.freemask_mode, output_type="np", **common,
     )
     return [{"image": image, "label": label} for image, label in zip(to_uint8(out.images), out.masks)]
 
