@@ -195,6 +195,8 @@ class Stage:
     outputs: list[Path] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     report: Path | None = None
+    datasets: list[Path] = field(default_factory=list)
+    """Training data it reads: an empty one (a filter kept nothing) skips the stage and those after it that need it."""
 
 
 @dataclass
@@ -206,6 +208,7 @@ class Record:
     seconds: float
     result: Any = None
     reused: bool = False
+    skipped: bool = False
 
 
 # =====================================================================================
@@ -449,8 +452,9 @@ class Plan:
             "--learning-rate", f"{self.s.learning_rate:g}", "--max-steps", str(steps), "--seed", str(seed),
             "--checkpoint-steps", str(max(1, steps // 4)), "--resume", "--output-dir", str(output),
         ]
-        self.add(self.prefix(seed) + f"train/{key}", "train", argv, steps, [output],
-                 [self.source_stage(seed, d) for d in datasets])
+        stage = self.add(self.prefix(seed) + f"train/{key}", "train", argv, steps, [output],
+                         [self.source_stage(seed, d) for d in datasets])
+        stage.datasets = list(datasets)
 
     def evaluate(self, seed: int, key: str, name: str, dataset: Path, split: str, images: int, inputs: Sequence[str],
                  unseen: bool = False) -> None:
@@ -569,11 +573,19 @@ def run_plan(plan: Plan, snapshot_fingerprint: str, show_output: bool = False) -
     """Run (or reuse) every stage of ``plan`` in order, printing one line per stage."""
     fingerprints = {"snapshot": snapshot_fingerprint}
     records: dict[str, Record] = {}
+    skipped: set[str] = set()
     total = len(plan.stages)
     for number, stage in enumerate(plan.stages, start=1):
         fingerprint = stage_fingerprint(stage, fingerprints)
         fingerprints[stage.name] = fingerprint
         label = f"[{number:>2}/{total}] {stage.name:<38}"
+        empty = [d for d in stage.datasets if not count_rows(d)]
+        if empty or skipped & set(stage.inputs):
+            # A filter may keep nothing at a small size: that set's rows are missing, the run goes on.
+            print(f"{label} skipped: " + (f"{empty[0]} has no rows" if empty else "it needs a skipped stage"), flush=True)
+            skipped.add(stage.name)
+            records[stage.name] = Record(stage.name, fingerprint, 0.0, skipped=True)
+            continue
         record = finished_record(plan.s.work_dir, stage.name, fingerprint)
         if record is not None:
             print(f"{label} done earlier ({record.seconds:.0f} s), reused", flush=True)
@@ -1143,7 +1155,9 @@ def render_results(plan: Plan, records: Mapping[str, Record], *, command: str, d
     for name, group in by_stage.items():
         stage = plan_stage(plan, name if name == "probe" else f"s{seeds[0]}/{name}")
         table.append([f"`{name}`", Spread.of([r.seconds for r in group]).text(1, 1), f"{stage.units:g}", len(group),
-                      f"{sum(r.reused for r in group)} reused" if any(r.reused for r in group) else "run"])
+                      ", ".join(f"{count} {what}" for what, count in (
+                          ("run", sum(not r.reused and not r.skipped for r in group)),
+                          ("reused", sum(r.reused for r in group)), ("skipped", sum(r.skipped for r in group))) if count)])
     add(markdown_table(["stage", "seconds (mean ± sd over seeds)", "work units", "runs", "this invocation"], table) + "\n")
 
     add("## Commands\n")
@@ -1315,7 +1329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     default_settings = dataclasses.replace(
         default_settings, size=fit_size(default_settings, world, 60 * DEFAULT_BUDGET_MINUTES, DEFAULT_COST_LINES)[0])
     default_plan = Plan(default_settings, world)
-    measured = [(stage, records[stage.name].seconds) for stage in plan.stages]
+    measured = [(stage, records[stage.name].seconds) for stage in plan.stages if not records[stage.name].skipped]
     estimate = estimate_seconds(default_plan.stages, measured, records["probe"].seconds)
 
     command = display_argv([sys.executable, *sys.argv]) if argv is None else display_argv(

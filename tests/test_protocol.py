@@ -121,6 +121,22 @@ def test_stage_records_skip_finished_work_and_clear_stale_outputs(tmp_path):
         protocol.run_stage(failing, work, "f")
 
 
+def test_a_set_a_filter_emptied_skips_what_needs_it(tmp_path):
+    from types import SimpleNamespace
+
+    empty = tmp_path / "empty"
+    (empty / "data").mkdir(parents=True)
+    train = protocol.Stage("s0/train/x", "train", [sys.executable, "-c", "raise SystemExit(1)"], 1, inputs=[])
+    train.datasets = [empty]
+    evaluate = protocol.Stage("s0/evaluate/x", "evaluate", [sys.executable, "-c", "raise SystemExit(1)"], 1,
+                              inputs=["s0/train/x"])
+    other = protocol.Stage("s0/evaluate/y", "evaluate", [sys.executable, "-c", "print('{\"mean_iou\": 0.5}')"], 1)
+    plan = SimpleNamespace(stages=[train, evaluate, other], s=SimpleNamespace(work_dir=tmp_path / "work"))
+    records = protocol.run_plan(plan, "model")
+    assert records["s0/train/x"].skipped and records["s0/evaluate/x"].skipped
+    assert not records["s0/evaluate/y"].skipped and records["s0/evaluate/y"].result == {"mean_iou": 0.5}
+
+
 def test_ratios_targets_and_estimate():
     assert protocol.ratio(0.45, 0.5) == pytest.approx(0.9)
     assert protocol.ratio(None, 0.5) is None and protocol.ratio(0.3, 0.0) is None
@@ -206,7 +222,7 @@ def test_results_file_is_written_from_the_records(tmp_path):
     assert "| DiffuMask masks vs geometry | 55.0 ± 7.1 | 55.0 ± 7.1 | 55.0 ± 7.1 | 55.0 ± 7.1 | 55.0 ± 7.1 | 75.0 ± 0.0 | 2 |" in text
     assert "| + adaptive threshold | 55.0 ± 7.1 | 2 | this row and the row above are not told apart" in text
     assert "66.7 min" in text  # the estimate
-    assert "6 stages reused" not in text and "3 reused" not in text  # probe + s0's first two: reused once each
+    assert "| `probe` | 1.0 ± 0.0 | 1 | 1 | 1 reused |" in text and "| `render` | 44.5 ± 60.1 | 300 | 2 | 1 run, 1 reused |" in text
     assert text.count("diffuseg train ") == 22  # seed 0's commands, every one
     assert "s1/" not in text.split("## Commands")[1]
     assert "Weight sweep" not in text
