@@ -369,3 +369,22 @@ def test_quick_protocol_end_to_end(tmp_path):
     assert protocol.main(argv) == 0  # everything reused: the recorded times are unchanged
     assert {p.name: json.loads(p.read_text())["seconds"] for p in records} == first
     assert f"{len(records)} stages reused" in results.read_text()
+
+
+def test_generate_takes_the_free_mask_mode_the_paste_row_needs(tmp_path):
+    import argparse
+
+    from diffuseg.commands.generate import add_parser, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+
+    def config(*flags):
+        return config_from_args(parser.parse_args(["generate", "--out", str(tmp_path / "x"), "--pipeline", "freemask", *flags]))
+
+    paste, edit = config("--freemask-mode", "paste"), config()
+    assert paste.freemask_mode == "paste" and edit.freemask_mode == "edit"
+    assert paste.fingerprint()["freemask_mode"] == "paste"
+    assert "freemask_mode" not in edit.fingerprint()  # folders written before the option still resume
+    with pytest.raises(SystemExit):
+        config("--freemask-mode", "blend")
