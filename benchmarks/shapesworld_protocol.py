@@ -1143,7 +1143,8 @@ def render_results(plan: Plan, records: Mapping[str, Record], *, command: str, d
         f"{minutes(wall_seconds)}" + (f" ({len(reused)} stages reused from an earlier invocation)" if reused else "") + ".\n")
     if default_estimate is not None:
         startup = records["probe"].seconds
-        add(f"Estimated time of `--size default` (with this run's other flags) on this machine: "
+        add(f"Estimated time of `--size default` (with this run's other flags: {DEFAULT_SEEDS['default']} seeds, sizes "
+            f"the embedded time model fits to {DEFAULT_BUDGET_MINUTES:g} min) on this machine: "
             f"**{minutes(default_estimate)}**, from this run's stage times: each command costs a fixed part plus a "
             "part proportional to its work (images generated or scored, training steps), fitted per kind of stage "
             "(each synthetic set apart) where this run measured two sizes (training: oracle vs compared runs), else "
