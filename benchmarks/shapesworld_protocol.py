@@ -1010,8 +1010,8 @@ def render_results(plan: Plan, records: Mapping[str, Record], *, command: str, d
     table = []
     for key in [*PIPELINES, ALL_PAIRS_SET, *[k for k, *_ in ABLATIONS if k not in PIPELINES]]:
         counts = list(rows.get(key, [None] * len(seeds)))
-        seconds = [records[f"s{seed}/generate/{key}"].seconds if f"s{seed}/generate/{key}" in records else None
-                   for seed in seeds]
+        generated = [records.get(f"s{seed}/generate/{key}") for seed in seeds]
+        seconds = [None if record is None or record.skipped else record.seconds for record in generated]
         table.append([f"`{key}`", Spread.of(counts).text(1, 0), Spread.of(seconds).text(1, 0),
                       Spread.of([ratio(t, c) for t, c in zip(seconds, counts)]).text(1, 2), Spread.of(counts).n])
     add(markdown_table(["set", "rows", "seconds (with start-up)", "seconds / row", "n"], table) + "\n")
