@@ -116,6 +116,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     filters.add_argument("--agreement-keep", type=float, metavar="F",
                          help="keep the best F of each shard by agreement IoU (DiffuMask's noise learning: 0.3)")
 
+    gen.add_argument("--freemask-mode", choices=("edit", "paste"), default="edit",
+                         help="--pipeline freemask: generate the object inside its region (edit) or alone, then "
+                              "paste and harmonise it (paste, Free-Mask's own) (default: %(default)s)")
+
     aug = parser.add_argument_group("augmentation")
     aug.add_argument("--mosaic", type=int, choices=(2, 3), help="add 2x2 or 3x3 mosaics of kept samples (images and masks)")
     aug.add_argument("--mosaic-fraction", type=float, default=0.25, metavar="F",
@@ -164,6 +168,7 @@ def config_from_args(args: argparse.Namespace):
         agreement_min_iou=args.agreement_min_iou,
         agreement_keep=args.agreement_keep,
         counterfactual_min_agreement=args.counterfactual_min_agreement,
+        freemask_mode=args.freemask_mode,
         mosaic=args.mosaic,
         mosaic_fraction=args.mosaic_fraction,
         batch_size=args.batch_size,

@@ -56,6 +56,8 @@ class GenerationConfig:
         counterfactual_min_agreement: counterfactual pairs only: reject those whose two mask
             signals (the class words' attention and where the pair differs) agree less than this
             (IoU): the object was not removed, or something else changed.
+        freemask_mode: ``--pipeline freemask``: ``"edit"`` (the object generated inside its region) or
+            ``"paste"`` (Free-Mask's own: generated alone, pasted, harmonised).
         mosaic: 2 or 3 for 2×2 / 3×3 mosaics of kept samples (``None``: none).
         mosaic_fraction: mosaics added per generated sample (per shard).
         batch_size: prompts per pipeline call. Batched float math differs from a single call's in
@@ -97,6 +99,7 @@ class GenerationConfig:
     agreement_min_iou: float | None = None
     agreement_keep: float | None = None
     counterfactual_min_agreement: float | None = None
+    freemask_mode: str = "edit"
     mosaic: int | None = None
     mosaic_fraction: float = 0.25
     batch_size: int = 1
@@ -147,6 +150,8 @@ class GenerationConfig:
             raise ValueError(f"--counterfactual-min-agreement must be in [0, 1], got {self.counterfactual_min_agreement}")
         if (self.agreement_min_iou is not None or self.agreement_keep is not None) and not self.agreement_model:
             raise ValueError("--agreement-min-iou / --agreement-keep need --agreement-model")
+        if self.freemask_mode not in ("edit", "paste"):
+            raise ValueError(f"--freemask-mode must be 'edit' or 'paste', got {self.freemask_mode!r}")
         if self.mosaic is not None and self.mosaic not in (2, 3):
             raise ValueError(f"--mosaic must be 2 or 3, got {self.mosaic}")
         if self.two_class_fraction > 0 and len(self.classes.classes) < 2:
@@ -186,6 +191,8 @@ class GenerationConfig:
         values["templates"] = list(self.prompter_templates())
         if self.pipeline != "freemask":  # only Free-Mask places regions: other sets keep their fingerprints
             values.pop("region_size")
+        if self.freemask_mode == "edit":  # the default: folders written before the option keep resuming
+            del values["freemask_mode"]
         if self.prompt_model is not None:
             values["prompt_model"] = os.path.basename(os.path.normpath(self.prompt_model))
         return json.loads(json.dumps(values))

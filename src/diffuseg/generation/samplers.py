@@ -102,7 +102,7 @@ def generate_freemask(pipe, requests: Sequence[SampleRequest], config: Generatio
     ]
     out = pipe(
         image=(images + 1) / 2, label_map=labels, objects=objects, class_names=names, generator=generators,
-        region_size=config.region_size, output_type="np", **common,
+        region_size=config.region_size, mode=config.freemask_mode, output_type="np", **common,
     )
     return [
         {"image": image, "label": label, "objects_inserted": len(inserted), "objects_rejected": len(rejected),
