@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
 
 
@@ -27,3 +30,22 @@ def slice_rows(activations: int, batch: int, per_image_row: int) -> int:
     so an image's maps are the same bits in any batch.
     """
     return max(1, max(activations // batch, MIN_SLICE_ELEMENTS) // per_image_row)
+
+
+@contextmanager
+def processors_swapped(
+    denoiser: torch.nn.Module, layers: Sequence, processor_for: Callable, on_call: Callable
+) -> Iterator[None]:
+    """Inside the ``with`` block, ``layers`` run ``processor_for(original)`` and ``on_call(module, args,
+    kwargs)`` runs before every call of ``denoiser``; the original processors come back after it, also
+    after an error."""
+    originals = [layer.processor for layer in layers]
+    for layer, original in zip(layers, originals):
+        layer.set_processor(processor_for(original))
+    handle = denoiser.register_forward_pre_hook(on_call, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for layer, original in zip(layers, originals):
+            layer.set_processor(original)

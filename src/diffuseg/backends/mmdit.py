@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from diffuseg.backends.common import slice_rows, softmax_
+from diffuseg.backends.common import processors_swapped, slice_rows, softmax_
 from diffuseg.tokens import TextSegment
 
 if TYPE_CHECKING:
@@ -332,9 +332,6 @@ def control(
     if concepts is not None:  # the concept stream runs through every double-stream block up to the last recorded
         layers += [layer for layer in concepts.layers if all(layer is not other for other in layers)]
     state = _CallState()
-    originals = [layer.processor for layer in layers]
-    for layer, original in zip(layers, originals):
-        layer.set_processor(JointExplicitAttnProcessor(controller, original, state, flux))
     patch = transformer.config.patch_size
 
     def on_transformer_call(module, args, kwargs):
@@ -351,13 +348,11 @@ def control(
         extra = kwargs.get("skip_layers") is not None
         controller.begin_denoiser_call(grid, hidden_states.shape[0], context=context, auxiliary=extra)
 
-    handle = transformer.register_forward_pre_hook(on_transformer_call, with_kwargs=True)
-    try:
+    def processor_for(original):
+        return JointExplicitAttnProcessor(controller, original, state, flux)
+
+    with processors_swapped(transformer, layers, processor_for, on_transformer_call):
         yield controller
-    finally:
-        handle.remove()
-        for layer, original in zip(layers, originals):
-            layer.set_processor(original)
 
 
 def text_segments(pipe, prompts: list[str], arguments: dict) -> list[TextSegment]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from diffuseg.backends.common import slice_rows, softmax_
+from diffuseg.backends.common import processors_swapped, slice_rows, softmax_
 from diffuseg.tokens import TextSegment
 
 if TYPE_CHECKING:
@@ -127,20 +127,12 @@ def control(
     # The method is looked up on the class: ``hasattr`` on a module goes through nn.Module's
     # ``__getattr__`` and a raised AttributeError for each of the UNet's ~1,000 modules.
     layers = [module for module in unet.modules() if hasattr(type(module), "set_processor")]
-    originals = [layer.processor for layer in layers]
-    for layer, original in zip(layers, originals):
-        layer.set_processor(ExplicitAttnProcessor(controller, original))
 
     def on_unet_call(module, args, kwargs):
         controller.begin_unet_call(args[0] if args else kwargs["sample"])
 
-    handle = unet.register_forward_pre_hook(on_unet_call, with_kwargs=True)
-    try:
+    with processors_swapped(unet, layers, lambda original: ExplicitAttnProcessor(controller, original), on_unet_call):
         yield controller
-    finally:
-        handle.remove()
-        for layer, original in zip(layers, originals):
-            layer.set_processor(original)
 
 
 def text_segments(pipe, prompts: list[str], arguments: dict) -> list[TextSegment]:
